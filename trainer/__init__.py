@@ -1,0 +1,1 @@
+"""ftlab: local fine-tuning with the hosted workflow."""

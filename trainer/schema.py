@@ -1,0 +1,137 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` starts from `ftlab_schema`, so a misspelt key fails at composition with
+its full name (``Key 'n_epoch' not in 'TrainConfig'``) and an enum field lists its choices.
+Fields that take ``auto`` or a value (as the hosted API does) are checked when resolved, in
+``trainer.hyperparams``, with the same kind of message.
+"""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class DataFormat(Enum):
+    chat = "chat"  # {"messages": [...]}: gpt-3.5-turbo
+    prompt_completion = "prompt_completion"  # {"prompt", "completion"}: babbage-002, davinci-002
+
+
+class Quantization(Enum):
+    none = "none"
+    nf4 = "nf4"  # bitsandbytes 4-bit NF4, double quantization (QLoRA)
+    auto = "auto"  # nf4 on a CUDA GPU, none on CPU
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 on a GPU that supports it, else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class ModelConfig:
+    """The hosted model family a job stands in for."""
+
+    name: str = MISSING  # gpt-3.5-turbo | babbage-002 | davinci-002
+    format: DataFormat = DataFormat.chat
+    context_length: int = 4096  # tokens per example; longer examples are truncated
+    encoding: str = "cl100k_base"  # tiktoken encoding used for billing
+
+
+@dataclass
+class BackboneConfig:
+    """The local weights that stand in for the model family."""
+
+    name: str = MISSING
+    load: Any = MISSING  # a _target_ node returning (model, tokenizer)
+    n_params: float = 0.0  # parameters, for time/MFU estimates
+    chat_template: Optional[str] = None  # overrides the tokenizer's template when set
+    trust_remote_code: bool = False
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    train_file: str = MISSING  # JSONL path; sample://<name> points into ftlab's bundled samples
+    validation_file: Optional[str] = None
+    task: Optional[str] = None  # which task metrics eval reports: json | terse | tone | null
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16  # higher: more capacity and memory
+    alpha: int = 32  # scale = alpha / r
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None  # null: the backbone's lora_target_modules
+
+
+@dataclass
+class TrainConfig:
+    n_epochs: Any = "auto"  # auto | int (hosted rule: auto targets 3, bounded by dataset size)
+    batch_size: Any = "auto"  # auto | int, examples per optimizer step
+    learning_rate_multiplier: Any = "auto"  # auto | float, times base_learning_rate
+    base_learning_rate: float = 2.0e-4
+    seed: int = 42
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (null: all epochs)
+    max_length: Optional[int] = None  # tokens per example; null: the model family's context_length
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: Quantization = Quantization.auto
+    precision: Precision = Precision.auto
+    device: Device = Device.auto
+    gradient_checkpointing: bool = False  # less activation memory, ~30% slower
+    micro_batch_size: Optional[int] = None  # split a step into micro-batches (gradient accumulation)
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 10  # optimizer steps between validation passes
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    max_cost_usd: Optional[float] = None  # refuse a job whose hosted-price estimate is higher
+
+
+@dataclass
+class PriceRow:
+    training: float = MISSING  # USD per 1K training tokens
+    input: float = MISSING  # USD per 1K input tokens, fine-tuned model
+    output: float = MISSING  # USD per 1K output tokens, fine-tuned model
+    base_input: Optional[float] = None  # USD per 1K input tokens, base model
+    base_output: Optional[float] = None
+
+
+@dataclass
+class PricingConfig:
+    name: str = MISSING
+    models: Dict[str, PriceRow] = field(default_factory=dict)
+    gpu_hour_usd: float = 2.0  # what an hour of the local accelerator costs you
+    cpu_hour_usd: float = 0.1
+
+
+@dataclass
+class FtlabConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    logger: Any = None  # a _target_ node: trainer.loggers.WandbLogger | trainer.loggers.NullLogger
+    moderation: Any = None  # a _target_ node: the content screen run by validate
+    org: str = "personal"  # the <org> part of ft:<model>:<org>:<suffix>:<id>
+    suffix: Optional[str] = None  # the <suffix> part, up to 40 characters
+    cache_dir: str = "~/.cache/ftlab"  # converted backbones, tokenized data
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/config.yaml can start from it."""
+    ConfigStore.instance().store(name="ftlab_schema", node=FtlabConfig)
