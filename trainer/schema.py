@@ -116,6 +116,7 @@ class PricingConfig:
     models: Dict[str, PriceRow] = field(default_factory=dict)
     gpu_hour_usd: float = 2.0  # what an hour of the local accelerator costs you
     cpu_hour_usd: float = 0.1
+    local_tokens_per_second: Optional[float] = None  # measured training throughput; null: from backbone.n_params and trainer.cost.DEVICE_FLOPS
 
 
 @dataclass

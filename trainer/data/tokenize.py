@@ -1,0 +1,165 @@
+"""Examples to tensors: render with the backbone's template, mask the loss, pad per batch.
+
+Chat examples are rendered one message at a time with the backbone's chat template; each
+rendering must extend the previous one (true of ChatML and the common templates). Labels are
+the token ids of assistant replies whose ``weight`` is not 0 and -100 everywhere else.
+Prompt/completion examples are trained on the completion and the end-of-sequence token only.
+"""
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The chat template does not render conversations as a growing prefix."""
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizedDataset:
+    examples: list[TokenizedExample]
+    n_truncated: int = 0  # examples cut to max_length
+    n_dropped: int = 0  # examples with no supervised token left after truncation
+    dropped_lines: list[int] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(e.n_supervised for e in self.examples)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    plain = [{"role": m["role"], "content": m.get("content") or ""} | ({"name": m["name"]} if "name" in m else {}) for m in messages]
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _extend(tokenizer, previous: str, current: str) -> list[int]:
+    if not current.startswith(previous):
+        raise TemplateError(
+            "the backbone's chat template does not render each conversation as a prefix of the next, "
+            "so loss masks cannot be built; set backbone.chat_template to a prefix-stable template (e.g. ChatML)"
+        )
+    return tokenizer(current[len(previous):], add_special_tokens=False)["input_ids"]
+
+
+def encode_chat(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels for a chat example; only trained assistant replies carry labels."""
+    messages = example["messages"]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            header = _render(tokenizer, messages[:index], add_generation_prompt=True)
+            ids = _extend(tokenizer, rendered, header)
+            input_ids += ids
+            labels += [IGNORE_INDEX] * len(ids)
+            rendered = header
+        text = _render(tokenizer, messages[: index + 1])
+        ids = _extend(tokenizer, rendered, text)
+        trained = message["role"] == "assistant" and message.get("weight", 1) != 0
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        rendered = text
+    return input_ids, labels
+
+
+def encode_prompt_completion(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels for a prompt/completion example: loss on the completion and EOS."""
+    prompt_ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def tokenize_examples(examples: list[tuple[int, dict]], tokenizer, chat: bool, max_length: int) -> TokenizedDataset:
+    """Tokenize (line, example) pairs, truncating each to `max_length` tokens and counting what was cut."""
+    encode = encode_chat if chat else encode_prompt_completion
+    dataset = TokenizedDataset(examples=[])
+    for line, example in examples:
+        input_ids, labels = encode(example, tokenizer)
+        truncated = len(input_ids) > max_length
+        if truncated:
+            dataset.n_truncated += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            dataset.n_dropped += 1
+            dataset.dropped_lines.append(line)
+            continue
+        dataset.examples.append(TokenizedExample(input_ids, labels, truncated))
+    return dataset
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffled batches of similar length, so dynamic padding wastes little.
+
+    Shuffles the indices, sorts them by length inside mega-batches of `batch_size * 16`, cuts
+    batches and shuffles the batch order: random across epochs, deterministic for a seed.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        indices = list(range(len(self.lengths)))
+        rng.shuffle(indices)
+        mega = self.batch_size * 16
+        batches = []
+        for start in range(0, len(indices), mega):
+            group = sorted(indices[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+            batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest example (right padding, labels -100 on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def batches_for_epoch(dataset: TokenizedDataset, batch_size: int, seed: int, epoch: int, pad_token_id: int):
+    """The epoch's batches, length-grouped and shuffled for (seed, epoch), as padded tensors."""
+    sampler = LengthGroupedSampler([len(e.input_ids) for e in dataset.examples], batch_size, seed)
+    sampler.set_epoch(epoch)
+    for indices in sampler.batches():
+        yield collate([dataset.examples[i] for i in indices], pad_token_id)

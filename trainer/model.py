@@ -1,0 +1,127 @@
+"""The model stage: resolve the device and precision, load the backbone (4-bit NF4 when asked),
+and wrap it in a LoRA adapter."""
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from trainer.schema import Device, Precision, Quantization
+
+
+@dataclass
+class Runtime:
+    """Where and how the job computes: resolved from the `auto` settings in config."""
+
+    device: str  # cpu | cuda
+    dtype: torch.dtype  # compute dtype
+    quantization: str  # none | nf4
+
+    @property
+    def precision_name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def resolve_runtime(train_cfg: DictConfig) -> Runtime:
+    """Resolve `device`, `precision` and `quantization` (each may be `auto`) for this machine."""
+    has_cuda = torch.cuda.is_available()
+    if train_cfg.device == Device.cuda and not has_cuda:
+        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    device = "cuda" if train_cfg.device == Device.cuda or (train_cfg.device == Device.auto and has_cuda) else "cpu"
+    precision = train_cfg.precision
+    if precision == Precision.auto:
+        precision = Precision.bf16 if device == "cuda" and torch.cuda.is_bf16_supported() else Precision.fp32
+    dtype = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[precision]
+    quantization = train_cfg.quantization
+    if quantization == Quantization.auto:
+        quantization = Quantization.nf4 if device == "cuda" else Quantization.none
+    return Runtime(device=device, dtype=dtype, quantization=quantization.value)
+
+
+def backbone_folder(cfg: DictConfig):
+    """The local folder holding the backbone's weights and tokenizer (converted or built if needed)."""
+    return instantiate(cfg.backbone.load, cache_dir=cfg.cache_dir)
+
+
+def load_tokenizer(cfg: DictConfig):
+    """The backbone's tokenizer, with a pad token and the chat template that training and chat share."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(backbone_folder(cfg)), trust_remote_code=cfg.backbone.trust_remote_code
+    )
+    if cfg.backbone.chat_template:
+        tokenizer.chat_template = cfg.backbone.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 on CPU.
+
+    A no-grad forward (eval, generate) repacks Linear4bit weights in place, after which
+    backward silently yields zero or wrong LoRA gradients. Returns the number of layers fixed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def load_base_model(cfg: DictConfig, runtime: Runtime):
+    """Load the frozen backbone on `runtime.device`, quantized to NF4 when `runtime.quantization` says so."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = dict(dtype=runtime.dtype, trust_remote_code=cfg.backbone.trust_remote_code, attn_implementation="sdpa")
+    if runtime.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=runtime.dtype,
+        )
+        kwargs["device_map"] = {"": runtime.device if runtime.device == "cpu" else 0}
+    model = AutoModelForCausalLM.from_pretrained(str(backbone_folder(cfg)), **kwargs)
+    if runtime.quantization != "nf4":
+        model.to(runtime.device)
+    disable_cpu_weight_repacking(model)
+    return model
+
+
+def add_lora(model, cfg: DictConfig, runtime: Runtime):
+    """Freeze the backbone and attach a fresh LoRA adapter (prepared for k-bit training under NF4)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if runtime.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = cfg.train.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules or cfg.backbone.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_for_inference(cfg: DictConfig, adapter_dir=None, runtime: Runtime | None = None):
+    """Backbone (+ adapter from `adapter_dir`, if given) in eval mode, for chat, eval and export."""
+    runtime = runtime or resolve_runtime(cfg.train)
+    model = load_base_model(cfg, runtime)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model

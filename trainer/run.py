@@ -1,0 +1,194 @@
+"""The run directory is the job record: job.json, events.jsonl, results.csv, env.json.
+
+Every file is written atomically (temp file + rename), so a killed run never leaves a
+half-written record; events.jsonl only ever grows by whole lines.
+"""
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import secrets
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same folder and one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    """Atomically write `data` as indented JSON."""
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def new_job_id() -> str:
+    """A job id shaped like the hosted API's: ftjob- and 24 random alphanumerics."""
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "ftjob-" + "".join(secrets.choice(alphabet) for _ in range(24))
+
+
+def fine_tuned_model_name(model: str, org: str, suffix: str | None, job_id: str) -> str:
+    """`ft:<model>:<org>:<suffix>:<id>`, the id being the job id's first 8 characters after `ftjob-`."""
+    return f"ft:{model}:{org}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
+
+
+class Job:
+    """A fine-tuning job, shaped like OpenAI's `fine_tuning.job`, kept in `<run_dir>/job.json`."""
+
+    def __init__(self, run_dir: Path, record: dict):
+        self.run_dir = run_dir
+        self.record = record
+
+    @classmethod
+    def create(cls, run_dir: Path, *, model: str, org: str, suffix: str | None, training_file: Path,
+               validation_file: Path | None, backbone: str, seed: int) -> "Job":
+        """A new job in status `validating_files`, saved at once."""
+        job_id = new_job_id()
+        record = {
+            "object": "fine_tuning.job",
+            "id": job_id,
+            "model": model,
+            "backbone": backbone,
+            "created_at": int(time.time()),
+            "finished_at": None,
+            "fine_tuned_model": None,
+            "organization_id": org,
+            "suffix": suffix,
+            "status": "validating_files",
+            "hyperparameters": {},
+            "training_file": _file_record(training_file),
+            "validation_file": _file_record(validation_file) if validation_file else None,
+            "trained_tokens": None,
+            "result_files": [],
+            "seed": seed,
+            "error": None,
+            "run_dir": str(run_dir.resolve()),
+        }
+        job = cls(run_dir, record)
+        job.save()
+        return job
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Job":
+        return cls(run_dir, json.loads((run_dir / "job.json").read_text()))
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    def save(self) -> None:
+        write_json(self.run_dir / "job.json", self.record)
+
+    def update(self, **fields) -> None:
+        self.record.update(fields)
+        self.save()
+
+    def finish(self, status: str, *, error: dict | None = None, **fields) -> None:
+        """Move to a terminal status (succeeded | failed | cancelled) and stamp `finished_at`."""
+        assert status in TERMINAL_STATUSES, status
+        self.update(status=status, error=error, finished_at=int(time.time()), **fields)
+
+
+def _file_record(path: Path) -> dict:
+    return {"path": str(path), "sha256": sha256_of(path), "bytes": path.stat().st_size}
+
+
+class EventLog:
+    """`events.jsonl`: one JSON object a line, like the hosted API's job events."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def add(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+        event = {
+            "object": "fine_tuning.job.event",
+            "created_at": time.time(),
+            "level": level,
+            "message": message,
+            "type": type,
+            "data": data or {},
+        }
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+            handle.flush()
+
+
+class ResultsTable:
+    """`results.csv` (step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append({column: row.get(column, "") for column in RESULT_COLUMNS})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.path, buffer.getvalue())
+
+
+def describe_environment(seed: int, data_files: dict[str, Path]) -> dict:
+    """Package versions, git commit, hardware, seed and data hashes: what reproducing a run needs."""
+    import torch
+
+    packages = ["ftlab", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra-core",
+                "omegaconf", "tiktoken", "wandb"]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "packages": versions,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "hardware": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        },
+        "seed": seed,
+        "data": {name: {"path": str(path), "sha256": sha256_of(path)} for name, path in data_files.items()},
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(("HF_", "WANDB_", "CUDA_", "OMP_"))
+                        and not any(marker in k.upper() for marker in SECRET_MARKERS)},
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None

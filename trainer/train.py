@@ -1,0 +1,314 @@
+"""The training stage, top to bottom: pre-flight → data → model → optimizer → loop → adapter.
+
+`FineTuningJob` follows the shape of torchtune's single-device LoRA recipe: `setup` builds
+every part from config, `train` runs the loop, `cleanup` closes the record. `run_training`
+at the bottom is what `ftlab train` calls.
+"""
+import math
+import random
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from trainer.data.jsonl import DataFileError, load_examples
+from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batches_for_epoch, tokenize_examples
+from trainer.hyperparams import resolve_hyperparameters
+from trainer.model import add_lora, load_base_model, load_tokenizer, resolve_runtime
+from trainer.paths import resolve_data_path
+from trainer.plots import plot_losses
+from trainer.run import EventLog, Job, ResultsTable, describe_environment, fine_tuned_model_name, write_json
+from trainer.schema import DataFormat
+
+
+class JobCancelled(Exception):
+    """Raised by the SIGTERM handler (and stands in for Ctrl-C) to stop a job cleanly."""
+
+
+class JobFailed(Exception):
+    """A failure with an error code and a message written for the user."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _raise_cancelled(signum, frame):
+    raise JobCancelled(f"received signal {signal.Signals(signum).name}")
+
+
+def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token loss, number of supervised tokens and number predicted right."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != IGNORE_INDEX
+    loss_sum = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    correct = ((shifted_logits.argmax(-1) == shifted_labels) & mask).sum().item()
+    return loss_sum, int(mask.sum().item()), int(correct)
+
+
+class FineTuningJob:
+    """One fine-tuning job in one run directory."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, console: Console | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.console = console or Console()
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.results = ResultsTable(self.run_dir / "results.csv")
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ---- setup -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Record the job, run the pre-flight, then build data, model, optimizer and logger."""
+        cfg = self.cfg
+        train_path = resolve_data_path(cfg.data.train_file)
+        valid_path = resolve_data_path(cfg.data.validation_file) if cfg.data.validation_file else None
+        for path in [train_path, valid_path]:
+            if path is not None and not path.is_file():
+                raise JobFailed("file_not_found", f"{path}: data file not found — check data.train_file / "
+                                "data.validation_file")
+        self.job = Job.create(self.run_dir, model=cfg.model.name, org=cfg.org, suffix=cfg.suffix,
+                              training_file=train_path, validation_file=valid_path,
+                              backbone=cfg.backbone.name, seed=cfg.train.seed)
+        self.events.add(f"Created fine-tuning job: {self.job.id}")
+        self.estimate, train_path = self._preflight(train_path)
+        self.train_path, self.valid_path = train_path, valid_path
+        write_json(self.run_dir / "env.json", describe_environment(
+            cfg.train.seed, {"training_file": train_path} | ({"validation_file": valid_path} if valid_path else {})))
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        self.runtime = resolve_runtime(cfg.train)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self.logger = instantiate(cfg.logger, run_dir=self.run_dir, name=self.job.id, _recursive_=False, _convert_="all",
+                                  run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+    def _preflight(self, train_path: Path) -> tuple[dict, Path]:
+        from trainer.preflight import PreflightError, run_preflight
+
+        self.events.add("Validating training file")
+        try:
+            preflight = run_preflight(self.cfg, self.run_dir, self.console)
+        except PreflightError as error:
+            raise JobFailed(error.code, error.message) from None
+        self.events.add("Files validated, estimate ready", data=preflight.estimate)
+        return preflight.estimate, preflight.train_file
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg)
+        max_length = cfg.train.max_length or cfg.model.context_length
+        chat = cfg.model.format == DataFormat.chat
+        self.train_data = self._tokenize(self.train_path, chat, max_length)
+        self.valid_data = self._tokenize(self.valid_path, chat, max_length) if self.valid_path else None
+        self.hyperparameters = resolve_hyperparameters(cfg.train, len(self.train_data.examples))
+        self.hyperparameters["n_epochs"] = self.estimate.get("n_epochs", self.hyperparameters["n_epochs"])
+        hp = self.hyperparameters
+        self.steps_per_epoch = math.ceil(len(self.train_data.examples) / hp["batch_size"])
+        self.total_steps = self.steps_per_epoch * hp["n_epochs"]
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.job.update(hyperparameters=hp)
+        self.events.add(
+            f"Tokenized {len(self.train_data.examples)} training examples ({self.train_data.n_tokens} tokens, "
+            f"{self.train_data.n_supervised} supervised); {self.train_data.n_truncated} truncated to {max_length}, "
+            f"{self.train_data.n_dropped} dropped with nothing left to train on",
+            level="warn" if self.train_data.n_truncated or self.train_data.n_dropped else "info",
+            data={"n_truncated": self.train_data.n_truncated, "n_dropped": self.train_data.n_dropped,
+                  "dropped_lines": self.train_data.dropped_lines},
+        )
+
+    def _tokenize(self, path: Path, chat: bool, max_length: int) -> TokenizedDataset:
+        try:
+            examples = load_examples(path)
+        except DataFileError as error:
+            raise JobFailed(error.code, str(error)) from None
+        return tokenize_examples(examples, self.tokenizer, chat=chat, max_length=max_length)
+
+    def _setup_model(self) -> None:
+        torch.manual_seed(self.cfg.train.seed)
+        base = load_base_model(self.cfg, self.runtime)
+        self.model = add_lora(base, self.cfg, self.runtime)
+        trainable, total = self.model.get_nb_trainable_parameters()
+        self.events.add(f"Loaded {self.cfg.backbone.name} on {self.runtime.device} "
+                        f"({self.runtime.precision_name}, quantization {self.runtime.quantization}); "
+                        f"LoRA trains {trainable:,} of {total:,} parameters",
+                        data={"trainable_parameters": trainable, "total_parameters": total})
+
+    def _setup_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = self.hyperparameters["learning_rate"]
+        if self.runtime.quantization == "nf4" and self.runtime.device == "cuda":
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=self.cfg.train.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.train.weight_decay)
+        self.scheduler = get_scheduler("linear", self.optimizer,
+                                       num_warmup_steps=int(self.cfg.train.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def train(self) -> None:
+        """Run optimizer steps until the epochs (or `train.max_steps`) are done."""
+        cfg, hp = self.cfg, self.hyperparameters
+        self.job.update(status="running")
+        self.events.add(f"Fine-tuning job started: {self.total_steps} steps, {hp['n_epochs']} epochs, "
+                        f"batch size {hp['batch_size']}, learning rate {hp['learning_rate']:.2e}")
+        self.model.train()
+        started = time.perf_counter()
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task("train", total=self.total_steps, loss="-", tps="-")
+            for epoch in range(hp["n_epochs"]):
+                for batch in batches_for_epoch(self.train_data, hp["batch_size"], cfg.train.seed, epoch,
+                                               self.tokenizer.pad_token_id):
+                    if self.step >= self.total_steps:
+                        break
+                    loss, accuracy = self._optimizer_step(batch)
+                    self.step += 1
+                    elapsed = time.perf_counter() - started
+                    tokens_per_second = self.tokens_seen / max(elapsed, 1e-9)
+                    row = {"step": self.step, "train_loss": round(loss, 6), "train_accuracy": round(accuracy, 6)}
+                    if self.valid_data and (self.step % cfg.train.eval_every == 0 or self.step == self.total_steps):
+                        row |= self.evaluate()
+                    self.results.add(row)
+                    self.logger.log({k: v for k, v in row.items() if k != "step"} | {"tokens_per_second": tokens_per_second}, step=self.step)
+                    self.events.add(f"Step {self.step}/{self.total_steps}: training loss={loss:.4f}", type="metrics",
+                                    data=row | {"tokens_per_second": round(tokens_per_second, 1)})
+                    progress.update(task, advance=1, loss=f"{loss:.4f}", tps=f"{tokens_per_second:,.0f}")
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self.save_checkpoint()
+        self.wall_seconds = time.perf_counter() - started
+
+    def _optimizer_step(self, batch: dict) -> tuple[float, float]:
+        """Forward and backward over the batch (in micro-batches), one optimizer step; mean loss and accuracy."""
+        micro = self.cfg.train.micro_batch_size or batch["input_ids"].size(0)
+        n_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        loss_total, correct_total = 0.0, 0
+        for start in range(0, batch["input_ids"].size(0), micro):
+            part = {k: v[start : start + micro].to(self.runtime.device) for k, v in batch.items()}
+            with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
+                                enabled=self.runtime.dtype != torch.float32):
+                logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+            loss_sum, _, correct = token_loss_and_accuracy(logits, part["labels"])
+            (loss_sum / max(n_supervised, 1)).backward()
+            loss_total += loss_sum.item()
+            correct_total += correct
+            self.tokens_seen += int(part["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                       self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total / max(n_supervised, 1), correct_total / max(n_supervised, 1)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss and mean token accuracy over the whole validation file."""
+        self.model.eval()
+        loss_total, supervised, correct = 0.0, 0, 0
+        for batch in batches_for_epoch(self.valid_data, self.hyperparameters["batch_size"], 0, 0,
+                                       self.tokenizer.pad_token_id):
+            batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
+            with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
+                                enabled=self.runtime.dtype != torch.float32):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum, n, c = token_loss_and_accuracy(logits, batch["labels"])
+            loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
+        self.model.train()
+        return {"valid_loss": round(loss_total / max(supervised, 1), 6),
+                "valid_mean_token_accuracy": round(correct / max(supervised, 1), 6)}
+
+    # ---- saving ------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step-N/` (adapter + optimizer, scheduler, RNG, position) atomically; keep the newest K."""
+        folder = self.run_dir / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        target = folder / f"step-{self.step:06d}"
+        if target.exists():
+            return target
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+        self.model.save_pretrained(staging / "adapter")
+        torch.save({"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate()}, staging / "trainer_state.pt")
+        staging.rename(target)
+        self.events.add(f"Checkpoint saved at step {self.step}", data={"path": str(target)})
+        for old in sorted(folder.glob("step-*"))[: -self.cfg.train.keep_checkpoints or None]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def save_adapter(self) -> Path:
+        """Write the final adapter (PEFT format) and tokenizer to `adapter/`, atomically."""
+        target = self.run_dir / "adapter"
+        staging = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".adapter-"))
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        return target
+
+    def finish(self) -> None:
+        """Save the adapter and plot, mark the job succeeded."""
+        self.save_adapter()
+        plot_losses(self.results.rows, self.run_dir / "loss.png", title=f"{self.job.id} · {self.cfg.backbone.name}")
+        name = fine_tuned_model_name(self.cfg.model.name, self.cfg.org, self.cfg.suffix, self.job.id)
+        self.job.finish("succeeded", fine_tuned_model=name, trained_tokens=self.tokens_seen,
+                        result_files=["results.csv", "adapter", "loss.png"])
+        self.events.add(f"The job has successfully completed: {name}",
+                        data={"wall_seconds": round(self.wall_seconds, 2), "trained_tokens": self.tokens_seen})
+
+
+def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> int:
+    """`ftlab train`: run one job in `run_dir`; returns the exit code (0 ok, 1 failed, 130 cancelled)."""
+    console = console or Console()
+    job = FineTuningJob(cfg, run_dir, console)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_cancelled)
+    try:
+        job.setup()
+        job.train()
+        job.finish()
+    except (KeyboardInterrupt, JobCancelled) as stop:
+        if hasattr(job, "job"):
+            if hasattr(job, "optimizer") and job.step:
+                job.save_checkpoint()
+            job.job.finish("cancelled", error=None)
+            job.events.add(f"Job cancelled ({stop or 'interrupted'}) at step {job.step}", level="warn")
+        console.print(f"[yellow]cancelled[/] at step {job.step}; run dir {run_dir}")
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure is recorded in the job before exit
+        code = getattr(error, "code", None) or type(error).__name__
+        message = getattr(error, "message", None) or str(error)
+        if hasattr(job, "job"):
+            job.job.finish("failed", error={"code": code, "message": message, "param": None})
+            job.events.add(f"Job failed: [{code}] {message}", level="error")
+        console.print(f"[red]failed[/] [{code}] {message}")
+        if not isinstance(error, JobFailed):
+            console.print_exception(max_frames=8)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if hasattr(job, "logger"):
+            job.logger.finish(job.job.record["status"])
+    console.print(f"[green]succeeded[/] {job.job.record['fine_tuned_model']}  ({job.job.id}, run dir {run_dir})")
+    return 0
