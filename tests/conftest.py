@@ -1,0 +1,61 @@
+"""Shared fixtures: composed configs on the tiny Llama, data files in tmp_path, no network."""
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from trainer.cli import CONFIG_DIR  # noqa: E402
+from trainer.schema import register_configs  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One ftlab cache for the whole session (the tiny backbone is built once)."""
+    return str(tmp_path_factory.mktemp("ftlab-cache"))
+
+
+@pytest.fixture
+def make_cfg(cache_dir):
+    """Compose conf/config.yaml with overrides, on the tiny Llama, CPU, no logger, a couple of steps."""
+
+    def make(*overrides: str):
+        register_configs()
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(
+                config_name="config",
+                overrides=["backbone=tiny-llama", "logger=none", "train.device=cpu", f"cache_dir={cache_dir}",
+                           *overrides],
+            )
+
+    return make
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw strings for deliberately broken lines) as JSONL."""
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def chat_example(question: str, answer: str, system: str | None = "Reply briefly.") -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+@pytest.fixture
+def chat_files(tmp_path):
+    """A 12-example training file and a 4-example validation file in OpenAI's chat format."""
+    train = write_jsonl(tmp_path / "train.jsonl", [chat_example(f"What is {i} + {i}?", str(2 * i)) for i in range(12)])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(f"What is {i} + 1?", str(i + 1)) for i in range(4)])
+    return train, valid

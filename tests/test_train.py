@@ -1,0 +1,129 @@
+"""The training stage on the tiny Llama: a complete run directory, behaviour of the adapter,
+determinism, failure and cancellation recorded in the job."""
+import csv
+import json
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import write_jsonl
+from trainer.run import RESULT_COLUMNS
+from trainer.train import FineTuningJob, run_training
+
+
+def read_results(run_dir: Path) -> list[dict]:
+    with open(run_dir / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def train_cfg(make_cfg, chat_files, *overrides):
+    train, valid = chat_files
+    return make_cfg("data=custom", f"data.train_file={train}", f"data.validation_file={valid}", "train.n_epochs=1",
+                    "train.batch_size=4", "train.eval_every=2", "train.checkpoint_every=2", *overrides)
+
+
+def test_a_run_leaves_a_complete_job_record(make_cfg, chat_files, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_training(train_cfg(make_cfg, chat_files), run_dir) == 0
+    for name in ["job.json", "events.jsonl", "results.csv", "estimate.json", "env.json", "loss.png",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "validation.json"]:
+        assert (run_dir / name).exists(), name
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-") and len(job["id"]) == 30
+    assert job["status"] == "succeeded" and job["error"] is None and job["finished_at"] >= job["created_at"]
+    assert job["fine_tuned_model"] == f"ft:gpt-3.5-turbo:personal::{job['id'][6:14]}"
+    assert job["hyperparameters"] == {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1.0,
+                                      "learning_rate": 2e-4}
+    assert job["trained_tokens"] > 0 and len(job["training_file"]["sha256"]) == 64
+    rows = read_results(run_dir)
+    assert list(rows[0].keys()) == RESULT_COLUMNS
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert rows[-1]["valid_loss"] and rows[-1]["valid_mean_token_accuracy"]  # evaluated at the last step
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-000002"]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert {"level", "message", "type", "data"} <= events[0].keys()
+    assert sum(e["type"] == "metrics" for e in events) == 3
+    assert not list(run_dir.glob(".*tmp*")), "temp files left behind"
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["seed"] == 42 and env["packages"]["torch"] and env["data"]["training_file"]["sha256"]
+
+
+def test_training_moves_every_adapter_weight_and_no_base_weight(make_cfg, chat_files, tmp_path):
+    cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2")
+    job = FineTuningJob(cfg, tmp_path / "run")
+    job.setup()
+    before = {k: v.detach().clone() for k, v in job.model.named_parameters()}
+    job.train()
+    after = dict(job.model.named_parameters())
+    lora = [k for k in before if "lora_" in k]
+    assert lora and all(not torch.equal(before[k], after[k]) for k in lora if "lora_A" in k or "lora_B" in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if "lora_" not in k)
+
+
+def test_same_seed_same_losses_other_seed_other_losses(make_cfg, chat_files, tmp_path):
+    losses = []
+    for name, seed in [("a", 7), ("b", 7), ("c", 8)]:
+        assert run_training(train_cfg(make_cfg, chat_files, f"train.seed={seed}"), tmp_path / name) == 0
+        losses.append([float(r["train_loss"]) for r in read_results(tmp_path / name)])
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_prompt_completion_job(make_cfg, tmp_path):
+    rows = [{"prompt": f"Ticket {i}: my card was charged twice\n\n###\n\n", "completion": " billing\n"} for i in range(10)]
+    train = write_jsonl(tmp_path / "pc.jsonl", rows)
+    cfg = make_cfg("model=babbage-002", "data=custom", f"data.train_file={train}", "train.max_steps=2")
+    assert run_training(cfg, tmp_path / "run") == 0
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert job["model"] == "babbage-002" and job["fine_tuned_model"].startswith("ft:babbage-002:")
+
+
+def test_invalid_file_fails_before_loading_a_model(make_cfg, tmp_path):
+    train = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 12)
+    cfg = make_cfg("data=custom", f"data.train_file={train}")
+    assert run_training(cfg, tmp_path / "run") == 1
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "example_missing_assistant_message"
+    assert "bad.jsonl:1" in job["error"]["message"]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_missing_file_fails_with_its_name(make_cfg, tmp_path):
+    cfg = make_cfg("data=custom", f"data.train_file={tmp_path / 'nope.jsonl'}")
+    assert run_training(cfg, tmp_path / "run") == 1
+
+
+def test_sigterm_cancels_and_keeps_a_checkpoint(make_cfg, chat_files, tmp_path, monkeypatch):
+    cfg = train_cfg(make_cfg, chat_files, "train.n_epochs=50", "train.checkpoint_every=1000")
+    original = FineTuningJob._optimizer_step
+    calls = []
+
+    def step_then_signal(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(FineTuningJob, "_optimizer_step", step_then_signal)
+    assert threading.current_thread() is threading.main_thread()
+    run_dir = tmp_path / "run"
+    assert run_training(cfg, run_dir) == 130
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["status"] == "cancelled" and job["finished_at"]
+    checkpoints = list((run_dir / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter" / "adapter_model.safetensors").exists()
+    assert load_file(checkpoints[0] / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("key,value", [("train.batch_size", "0"), ("train.learning_rate_multiplier", "fast"),
+                                       ("train.n_epochs", "-1")])
+def test_bad_hyperparameter_values_name_the_key(make_cfg, chat_files, tmp_path, key, value):
+    cfg = train_cfg(make_cfg, chat_files, f"{key}={value}")
+    assert run_training(cfg, tmp_path / "run") == 1
+    error = json.loads((tmp_path / "run" / "job.json").read_text())["error"]
+    assert key in error["message"]
