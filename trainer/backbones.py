@@ -26,6 +26,8 @@ CHATML_TEMPLATE = (
 class BackboneNotFound(RuntimeError):
     """The configured weights are not on this machine; the message says how to provide them."""
 
+    code = "backbone_not_found"
+
 
 def _publish(staging: Path, target: Path) -> Path:
     """Move a fully written folder into place in one rename, so a killed conversion leaves nothing half-done."""

@@ -40,7 +40,16 @@ def resolve_runtime(train_cfg: DictConfig) -> Runtime:
 
 def backbone_folder(cfg: DictConfig):
     """The local folder holding the backbone's weights and tokenizer (converted or built if needed)."""
-    return instantiate(cfg.backbone.load, cache_dir=cfg.cache_dir)
+    from hydra.errors import InstantiationException
+
+    from trainer.backbones import BackboneNotFound
+
+    try:
+        return instantiate(cfg.backbone.load, cache_dir=cfg.cache_dir)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, BackboneNotFound):  # show the how-to-fix message, not Hydra's wrapper
+            raise error.__cause__ from None
+        raise
 
 
 def load_tokenizer(cfg: DictConfig):

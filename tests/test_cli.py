@@ -1,0 +1,76 @@
+"""The `ftlab` console script as users run it: verbs, overrides, run dirs, multirun, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FTLAB = str(Path(sys.executable).with_name("ftlab"))
+TINY = ["backbone=tiny-llama", "logger=none", "train.device=cpu"]
+
+
+def ftlab(*args, cwd: Path, cache: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([FTLAB, *args, f"cache_dir={cache}"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_train_leaves_a_complete_run_dir(tmp_path, cache_dir):
+    run_dir = tmp_path / "D"
+    result = ftlab("train", *TINY, "train.max_steps=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in [".hydra/config.yaml", ".hydra/overrides.yaml", "job.json", "events.jsonl", "results.csv",
+                 "estimate.json", "env.json", "validation.json", "adapter/adapter_model.safetensors", "loss.png"]:
+        assert (run_dir / name).exists(), name
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["status"] == "succeeded"
+    assert "succeeded" in result.stdout and job["fine_tuned_model"] in result.stdout.replace("\n", "")
+
+
+def test_multirun_runs_each_job_in_its_own_dir(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    result = ftlab("train", "-m", *TINY, "train.learning_rate_multiplier=0.5,2", "train.max_steps=2",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = [json.loads((sweep / str(n) / "job.json").read_text()) for n in (0, 1)]
+    assert [j["hyperparameters"]["learning_rate_multiplier"] for j in jobs] == [0.5, 2.0]
+    assert all(j["status"] == "succeeded" for j in jobs) and jobs[0]["id"] != jobs[1]["id"]
+
+
+def test_python_m_trainer_is_ftlab_train(tmp_path, cache_dir):
+    run_dir = tmp_path / "D"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-m", "trainer", *TINY, "train.max_steps=1", f"hydra.run.dir={run_dir}",
+                             f"cache_dir={cache_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((run_dir / "job.json").read_text())["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.n_epoch=3", "Key 'n_epoch' not in 'TrainConfig'"),
+    ("train.quantization=int3", "expected one of [none, nf4, auto]"),
+    ("model=gpt-5", "Could not find 'model/gpt-5'"),
+])
+def test_config_mistakes_name_the_key_and_the_choices(tmp_path, cache_dir, override, expected):
+    result = ftlab("train", *TINY, override, f"hydra.run.dir={tmp_path / 'D'}", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode != 0
+    assert expected in result.stderr + result.stdout
+    assert not (tmp_path / "D" / "job.json").exists()
+
+
+def test_unknown_verb_lists_the_verbs(tmp_path, cache_dir):
+    result = ftlab("trian", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 2 and "unknown verb 'trian'" in result.stderr and "estimate" in result.stderr
+
+
+def test_missing_backbone_weights_say_how_to_provide_them(tmp_path, cache_dir):
+    result = ftlab("train", "backbone=llama-3.1-8b-instruct", "logger=none", "train.max_steps=1",
+                   f"hydra.run.dir={tmp_path / 'D'}", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 1
+    job = json.loads((tmp_path / "D" / "job.json").read_text())
+    assert job["status"] == "failed" and job["error"]["code"] == "backbone_not_found"
+    assert "backbone.load.path" in job["error"]["message"]
+    assert "hf download meta-llama/Llama-3.1-8B-Instruct" in job["error"]["message"]
