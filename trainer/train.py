@@ -59,6 +59,11 @@ def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     return loss_sum, int(mask.sum().item()), int(correct)
 
 
+def model_inputs(batch: dict) -> dict:
+    """What the model's forward takes from a batch: everything but the labels (loss is computed here)."""
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
 class FineTuningJob:
     """One fine-tuning job in one run directory."""
 
@@ -195,9 +200,18 @@ class FineTuningJob:
                     self.events.add(f"Step {self.step}/{self.total_steps}: training loss={loss:.4f}", type="metrics",
                                     data=row | {"tokens_per_second": round(tokens_per_second, 1)})
                     progress.update(task, advance=1, loss=f"{loss:.4f}", tps=f"{tokens_per_second:,.0f}")
+                    if "valid_loss" in row or not self.console.is_terminal and self.step % cfg.train.eval_every == 0:
+                        progress.console.print(self._progress_line(row, tokens_per_second, elapsed))
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
         self.wall_seconds = time.perf_counter() - started
+
+    def _progress_line(self, row: dict, tokens_per_second: float, elapsed: float) -> str:
+        remaining = elapsed / self.step * (self.total_steps - self.step)
+        valid = (f"  valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_mean_token_accuracy']:.3f}"
+                 if "valid_loss" in row else "")
+        return (f"step {self.step}/{self.total_steps}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}"
+                f"{valid}  {tokens_per_second:,.0f} tok/s  eta {remaining:.0f}s")
 
     def _optimizer_step(self, batch: dict) -> tuple[float, float]:
         """Forward and backward over the batch (in micro-batches), one optimizer step; mean loss and accuracy."""
@@ -208,7 +222,7 @@ class FineTuningJob:
             part = {k: v[start : start + micro].to(self.runtime.device) for k, v in batch.items()}
             with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
                                 enabled=self.runtime.dtype != torch.float32):
-                logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+                logits = self.model(**model_inputs(part)).logits
             loss_sum, _, correct = token_loss_and_accuracy(logits, part["labels"])
             (loss_sum / max(n_supervised, 1)).backward()
             loss_total += loss_sum.item()
@@ -231,7 +245,7 @@ class FineTuningJob:
             batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
             with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
                                 enabled=self.runtime.dtype != torch.float32):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = self.model(**model_inputs(batch)).logits
             loss_sum, n, c = token_loss_and_accuracy(logits, batch["labels"])
             loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
         self.model.train()
