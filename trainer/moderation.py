@@ -34,7 +34,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 from trainer.data.jsonl import atomic_writer, iter_jsonl, write_json
 
@@ -69,13 +69,17 @@ LEXICON = {
         r"\bwant to die\b",
     ],
     "sexual/minors": [
-        # a minor and sexual content in the same text
-        r"(?=[\s\S]*\b(?:child|children|kid|kids|minor|minors|underage|preteen|(?:[1-9]|1[0-7])[- ]year[- ]old)\b)"
-        r"(?=[\s\S]*\b(?:sex|sexual|sexually|nude|naked|porn|pornographic|erotic)\b)",
+        # a list of patterns flags only when all of them match: a minor and sexual content in one text
+        [r"\b(?:child|children|kid|kids|minor|minors|underage|preteen|(?:[1-9]|1[0-7])[- ]year[- ]old)\b",
+         r"\b(?:sex|sexual|sexually|nude|naked|porn|pornographic|erotic)\b"],
     ],
-    "pii/email": [r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"],
-    "pii/phone": [
-        r"(?<![\w+])(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)",  # North American
+    # reserved documentation domains (RFC 2606: example.com, *.test, ...) are not PII
+    "pii/email": [
+        r"\b[A-Za-z0-9._%+-]+@(?!(?:[A-Za-z0-9-]+\.)*(?:example\.(?:com|net|org)|[A-Za-z0-9-]+\.(?:test|example|invalid|localhost))\b)"
+        r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+    ],
+    "pii/phone": [  # 555-0100..0199, reserved for fiction, is not PII
+        r"(?<![\w+])(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-](?!555[ .-]01\d\d)\d{3}[ .-]\d{4}(?!\d)",  # North American
         r"(?<![\w+])\+\d{1,3}(?:[ .-]?\d{2,4}){3,5}(?!\d)",  # international, with +
     ],
     "pii/api_key": [
@@ -87,6 +91,28 @@ LEXICON = {
         r"-----BEGIN (?:RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----",
     ],
 }
+
+# Cheap pre-checks (lowercase substrings, or a regex) that every LEXICON pattern of a category
+# needs: text without any of them skips that category's regexes. Keep in sync with LEXICON.
+TRIGGERS = {
+    "hate": ("jews", "muslims", "christians", "blacks", "whites", "asians", "immigrants", "gays", "women",
+             "mexicans", "arabs", "subhuman", "cleansing", "white power", "white supremacy"),
+    "harassment": ("worthless", "pathetic", "disgusting", "nobody", "yourself", "where you live"),
+    "violence": ("kill", "murder", "shoot", "stab", "behead", "bomb", "torture", "mutilate"),
+    "self-harm": ("myself", "yourself", "suicid", "life", "die"),
+    "sexual/minors": ("sex", "nude", "naked", "porn", "erotic"),
+    "pii/email": ("@",),
+    "pii/phone": re.compile(r"\d\d\d"),
+    "pii/api_key": ("sk-", "akia", "gh", "xox", "aiza", "private key"),
+}
+
+
+def _triggered(trigger, lowered: str) -> bool:
+    if trigger is None:
+        return True
+    if isinstance(trigger, re.Pattern):
+        return trigger.search(lowered) is not None
+    return any(word in lowered for word in trigger)
 
 
 class Screen:
@@ -137,7 +163,8 @@ class NoScreen(Screen):
 
 class LexiconScreen(Screen):
     """Regular-expression screen. `categories` limits it to some of LEXICON's categories;
-    `extra_patterns` ({category: [regex, ...]}) adds your own."""
+    `extra_patterns` ({category: [regex, ...]}) adds your own; an item that is itself a list of
+    regexes flags only when all of them match."""
 
     name = "lexicon"
 
@@ -150,13 +177,25 @@ class LexiconScreen(Screen):
         chosen = {c: list(LEXICON[c]) for c in (categories or LEXICON)}
         for category, patterns in dict(extra_patterns or {}).items():
             chosen.setdefault(str(category), []).extend(patterns)
-        self.patterns = {
-            category: re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
-            for category, patterns in chosen.items() if patterns
-        }
+        # category -> [[regex, ...], ...]: flagged when every regex of some group matches
+        self.patterns = {}
+        for category, patterns in chosen.items():
+            single = [p for p in patterns if isinstance(p, str)]
+            groups = [[re.compile(p, re.IGNORECASE) for p in group] for group in patterns if not isinstance(group, str)]
+            if single:
+                groups.append([re.compile("|".join(f"(?:{p})" for p in single), re.IGNORECASE)])
+            if groups:
+                self.patterns[category] = groups
+        self.triggers = {c: TRIGGERS.get(c) for c in self.patterns if c not in dict(extra_patterns or {})}
 
     def screen_texts(self, texts: list[str]) -> list[list[str]]:
-        return [[c for c, pattern in self.patterns.items() if pattern.search(text)] for text in texts]
+        return [self._categories(text) for text in texts]
+
+    def _categories(self, text: str) -> list[str]:
+        lowered = text.lower()
+        return [c for c, groups in self.patterns.items()
+                if _triggered(self.triggers.get(c), lowered)
+                and any(all(r.search(text) for r in group) for group in groups)]
 
 
 class ClassifierScreen(Screen):
@@ -296,8 +335,3 @@ def flagged_issues(report: ModerationReport) -> list[tuple[str, int, str]]:
     return [(f["file"], f["line"], f"flagged for {', '.join(f['categories'])}: {verb} — review or remove the example")
             for f in report.flagged]
 
-
-def iter_screened(examples: Iterable[Any], screen: Screen) -> Iterable[tuple[Any, list[str]]]:
-    """Pair each example with its flagged categories (for callers holding examples in memory)."""
-    batch = list(examples)
-    return zip(batch, screen.screen_examples(batch))

@@ -137,6 +137,21 @@ class EventLog:
             handle.write(json.dumps(event) + "\n")
             handle.flush()
 
+    def drop_metrics_after(self, step: int) -> None:
+        """Forget metrics events past `step` (a resumed run trains those steps again), atomically."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by a kill
+            if event.get("type") == "metrics" and event.get("data", {}).get("step", 0) > step:
+                continue
+            kept.append(line + "\n")
+        write_atomic(self.path, "".join(kept))
+
 
 class ResultsTable:
     """`results.csv` (step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy)."""
@@ -144,6 +159,16 @@ class ResultsTable:
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[dict] = []
+
+    def load(self, until_step: int) -> None:
+        """Read back the rows up to `until_step` (a resumed run appends after them)."""
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as handle:
+                self.rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= until_step]
+            for row in self.rows:
+                for column in RESULT_COLUMNS[1:]:
+                    row[column] = float(row[column]) if row[column] not in ("", None) else ""
+                row["step"] = int(row["step"])
 
     def add(self, row: dict) -> None:
         self.rows.append({column: row.get(column, "") for column in RESULT_COLUMNS})
@@ -192,3 +217,84 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() or None
+
+
+class RunDirLocked(RuntimeError):
+    """Another live process is training in this run directory."""
+
+    code = "run_dir_locked"
+
+
+class RunLock:
+    """`<run_dir>/.lock`: the pid of the process training there. A lock whose pid is dead is stale and cleared."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+
+    def holder(self) -> dict | None:
+        """The live lock holder ({pid, host, started}), or None when unlocked or stale."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if holder.get("host") != platform.node() or _pid_alive(int(holder.get("pid", -1))):
+            return holder
+        return None
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunDirLocked naming the holder; clear a stale lock first."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder()
+                if holder:
+                    raise RunDirLocked(
+                        f"{self.path.parent} is in use by pid {holder['pid']} on {holder['host']} (started "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}); "
+                        f"wait for it, cancel it with `ftlab jobs cancel <job id>`, or use another hydra.run.dir"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"pid": os.getpid(), "host": platform.node(), "started": time.time()}, handle)
+            return
+        raise RunDirLocked(f"could not lock {self.path.parent}")
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def cancel_job(run_dir: Path) -> int | None:
+    """Ask the process training in `run_dir` to stop (SIGTERM); it checkpoints and marks the job cancelled.
+
+    Returns the pid signalled, or None when no live process holds the run dir.
+    """
+    import signal
+
+    holder = RunLock(run_dir).holder()
+    if not holder or holder.get("host") != platform.node():
+        return None
+    os.kill(int(holder["pid"]), signal.SIGTERM)
+    return int(holder["pid"])

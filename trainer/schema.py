@@ -92,6 +92,7 @@ class TrainConfig:
     device: Device = Device.auto
     gradient_checkpointing: bool = False  # less activation memory, ~30% slower
     micro_batch_size: Optional[int] = None  # split a step into micro-batches (gradient accumulation)
+    packing: bool = False  # padding-free batches: each batch's examples in one row, position_ids reset per example
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -99,6 +100,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept
     max_cost_usd: Optional[float] = None  # refuse a job whose hosted-price estimate is higher
+    max_nonfinite_steps: int = 3  # NaN/inf losses or gradients in a row before the job fails (each is skipped)
 
 
 @dataclass
@@ -120,6 +122,41 @@ class PricingConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How chat and complete sample replies (eval always decodes greedily)."""
+
+    temperature: float = 0.0  # 0: greedy, deterministic; the hosted API's default is 1
+    top_p: float = 1.0  # nucleus sampling; used only when temperature > 0
+    max_new_tokens: int = 256  # reply length cap, in backbone tokens
+    stop: List[str] = field(default_factory=list)  # stop strings, as the hosted API's `stop` (end-of-turn always stops)
+    seed: Optional[int] = None  # sampling seed; null: a fresh one each run
+    prompt_suffix: Optional[str] = None  # complete: appended to each prompt; null: the training prompts' common separator (e.g. "\n\n###\n\n")
+
+
+@dataclass
+class EvalConfig:
+    """`ftlab eval`: base backbone vs fine-tuned model on the validation file."""
+
+    max_examples: int = 24  # examples generated per model (loss and accuracy use the whole file); generation is the slow part on CPU
+    max_new_tokens: int = 96  # per reply; enough for the bundled samples' answers
+    batch_size: int = 8  # prompts generated together (left padding)
+    compare_prompts: bool = True  # also score base + long instructions vs fine-tuned with no system prompt (chat only)
+    instructions: Dict[str, str] = field(default_factory=dict)  # the long instruction prompt per data.task, for compare_prompts
+    signoff: str = "— The Brightbean crew ☕"  # tone task: the sign-off a reply must end with
+    max_words: int = 6  # terse task: a reply counts as terse at this many words or fewer
+    plot: bool = True  # write eval.png (before/after bar chart)
+
+
+@dataclass
+class ExportConfig:
+    """`ftlab export`: merge the adapter into a full model in `<run dir>/merged/`."""
+
+    dtype: str = "auto"  # auto (the backbone's saved dtype) | fp32 | bf16 | fp16
+    verify: bool = True  # reload the merged model and compare its logits with backbone + adapter
+    atol: float = 1.0e-4  # allowed max |logit difference| when verifying
+
+
+@dataclass
 class FtlabConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -128,9 +165,19 @@ class FtlabConfig:
     pricing: PricingConfig = field(default_factory=PricingConfig)
     logger: Any = None  # a _target_ node: trainer.loggers.WandbLogger | trainer.loggers.NullLogger
     moderation: Any = None  # a _target_ node: the content screen run by validate
+    resume: Optional[str] = None  # train: a run dir or job id to continue from its newest complete checkpoint
     org: str = "personal"  # the <org> part of ft:<model>:<org>:<suffix>:<id>
     suffix: Optional[str] = None  # the <suffix> part, up to 40 characters
     cache_dir: str = "~/.cache/ftlab"  # converted backbones, tokenized data
+    # Using a finished job (chat, complete, eval, export):
+    job: Optional[str] = None  # a job id (ftjob-…), an ft: model name, a run dir, `latest`, or `base` (the backbone alone)
+    jobs_root: Optional[str] = None  # where job ids are looked up; null: $FTLAB_OUTPUTS or ./outputs
+    adapter: bool = True  # false: the job's backbone and chat template without its adapter (the "before" model)
+    prompt: Optional[str] = None  # chat/complete: answer this one prompt and exit; null: interactive
+    system: Optional[str] = None  # chat: a system message sent before the conversation
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:

@@ -25,7 +25,8 @@ from trainer.hyperparams import resolve_hyperparameters
 from trainer.model import add_lora, load_base_model, load_tokenizer, resolve_runtime
 from trainer.paths import resolve_data_path
 from trainer.plots import plot_losses
-from trainer.run import EventLog, Job, ResultsTable, describe_environment, fine_tuned_model_name, write_json
+from trainer.run import (EventLog, Job, ResultsTable, RunLock, describe_environment, fine_tuned_model_name,
+                         write_json)
 from trainer.schema import DataFormat
 
 
@@ -67,14 +68,18 @@ def model_inputs(batch: dict) -> dict:
 class FineTuningJob:
     """One fine-tuning job in one run directory."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, console: Console | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, console: Console | None = None, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.console = console or Console()
+        self.resume = resume
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.results = ResultsTable(self.run_dir / "results.csv")
         self.step = 0
         self.tokens_seen = 0
+        self.position = (0, 0)  # (epoch, batch index) of the next batch to train on
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -86,11 +91,18 @@ class FineTuningJob:
             if path is not None and not path.is_file():
                 raise JobFailed("file_not_found", f"{path}: data file not found — check data.train_file / "
                                 "data.validation_file")
-        self.job = Job.create(self.run_dir, model=cfg.model.name, org=cfg.org, suffix=cfg.suffix,
-                              training_file=train_path, validation_file=valid_path,
-                              backbone=cfg.backbone.name, seed=cfg.train.seed)
-        self.events.add(f"Created fine-tuning job: {self.job.id}")
-        self.estimate, train_path = self._preflight(train_path)
+        if self.resume:
+            self.job = Job.load(self.run_dir)
+            self.events.add(f"Resuming fine-tuning job: {self.job.id}")
+        else:
+            if (self.run_dir / "job.json").exists():
+                raise JobFailed("run_dir_not_empty", f"{self.run_dir} already holds a job; resume it with "
+                                f"resume={self.run_dir} or choose another hydra.run.dir")
+            self.job = Job.create(self.run_dir, model=cfg.model.name, org=cfg.org, suffix=cfg.suffix,
+                                  training_file=train_path, validation_file=valid_path,
+                                  backbone=cfg.backbone.name, seed=cfg.train.seed)
+            self.events.add(f"Created fine-tuning job: {self.job.id}")
+        self.estimate, train_path, valid_path = self._preflight()
         self.train_path, self.valid_path = train_path, valid_path
         write_json(self.run_dir / "env.json", describe_environment(
             cfg.train.seed, {"training_file": train_path} | ({"validation_file": valid_path} if valid_path else {})))
@@ -100,10 +112,13 @@ class FineTuningJob:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
+        if self.resume:
+            self._restore_checkpoint()
         self.logger = instantiate(cfg.logger, run_dir=self.run_dir, name=self.job.id, _recursive_=False, _convert_="all",
                                   run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
-    def _preflight(self, train_path: Path) -> tuple[dict, Path]:
+    def _preflight(self) -> tuple[dict, Path, Path | None]:
+        """Validate, screen and price the files; the files to train on (moderation may have dropped lines)."""
         from trainer.preflight import PreflightError, run_preflight
 
         self.events.add("Validating training file")
@@ -112,7 +127,7 @@ class FineTuningJob:
         except PreflightError as error:
             raise JobFailed(error.code, error.message) from None
         self.events.add("Files validated, estimate ready", data=preflight.estimate)
-        return preflight.estimate, preflight.train_file
+        return preflight.estimate, preflight.train_file, preflight.validation_file
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -172,26 +187,35 @@ class FineTuningJob:
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> None:
-        """Run optimizer steps until the epochs (or `train.max_steps`) are done."""
+        """Run optimizer steps until the epochs (or `train.max_steps`) are done, from `self.position`."""
         cfg, hp = self.cfg, self.hyperparameters
-        self.job.update(status="running")
+        self.job.update(status="running", finished_at=None, error=None)
         self.events.add(f"Fine-tuning job started: {self.total_steps} steps, {hp['n_epochs']} epochs, "
-                        f"batch size {hp['batch_size']}, learning rate {hp['learning_rate']:.2e}")
+                        f"batch size {hp['batch_size']}, learning rate {hp['learning_rate']:.2e}"
+                        + (f", resumed at step {self.step}" if self.step else ""))
         self.model.train()
-        started = time.perf_counter()
+        started, tokens_at_start = time.perf_counter(), self.tokens_seen
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task("train", total=self.total_steps, loss="-", tps="-")
-            for epoch in range(hp["n_epochs"]):
-                for batch in batches_for_epoch(self.train_data, hp["batch_size"], cfg.train.seed, epoch,
-                                               self.tokenizer.pad_token_id):
+            task = progress.add_task("train", total=self.total_steps, completed=self.step, loss="-", tps="-")
+            first_epoch, first_batch = self.position
+            for epoch in range(first_epoch, hp["n_epochs"]):
+                batches = batches_for_epoch(self.train_data, hp["batch_size"], cfg.train.seed, epoch,
+                                            self.tokenizer.pad_token_id)
+                for batch_index, batch in enumerate(batches):
+                    if epoch == first_epoch and batch_index < first_batch:
+                        continue  # trained before the checkpoint this run resumed from
                     if self.step >= self.total_steps:
                         break
-                    loss, accuracy = self._optimizer_step(batch)
+                    metrics = self._optimizer_step(batch)
+                    self.position = (epoch, batch_index + 1)
+                    if metrics is None:
+                        continue  # non-finite loss or gradient: step skipped, counted in events
+                    loss, accuracy = metrics
                     self.step += 1
                     elapsed = time.perf_counter() - started
-                    tokens_per_second = self.tokens_seen / max(elapsed, 1e-9)
+                    tokens_per_second = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                     row = {"step": self.step, "train_loss": round(loss, 6), "train_accuracy": round(accuracy, 6)}
                     if self.valid_data and (self.step % cfg.train.eval_every == 0 or self.step == self.total_steps):
                         row |= self.evaluate()
@@ -207,17 +231,21 @@ class FineTuningJob:
         self.wall_seconds = time.perf_counter() - started
 
     def _progress_line(self, row: dict, tokens_per_second: float, elapsed: float) -> str:
-        remaining = elapsed / self.step * (self.total_steps - self.step)
+        remaining = elapsed / max(self.step, 1) * (self.total_steps - self.step)
         valid = (f"  valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_mean_token_accuracy']:.3f}"
                  if "valid_loss" in row else "")
         return (f"step {self.step}/{self.total_steps}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}"
                 f"{valid}  {tokens_per_second:,.0f} tok/s  eta {remaining:.0f}s")
 
-    def _optimizer_step(self, batch: dict) -> tuple[float, float]:
-        """Forward and backward over the batch (in micro-batches), one optimizer step; mean loss and accuracy."""
+    def _optimizer_step(self, batch: dict) -> tuple[float, float] | None:
+        """Forward and backward over the batch (in micro-batches) and one optimizer step.
+
+        Returns the mean loss and token accuracy, or None when the loss or a gradient was not
+        finite: the step is skipped and counted; `train.max_nonfinite_steps` in a row fail the job.
+        """
         micro = self.cfg.train.micro_batch_size or batch["input_ids"].size(0)
         n_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        loss_total, correct_total = 0.0, 0
+        loss_total, correct_total, tokens = 0.0, 0, 0
         for start in range(0, batch["input_ids"].size(0), micro):
             part = {k: v[start : start + micro].to(self.runtime.device) for k, v in batch.items()}
             with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
@@ -227,13 +255,33 @@ class FineTuningJob:
             (loss_sum / max(n_supervised, 1)).backward()
             loss_total += loss_sum.item()
             correct_total += correct
-            self.tokens_seen += int(part["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                       self.cfg.train.max_grad_norm)
+            tokens += int(part["attention_mask"].sum()) if "attention_mask" in part else part["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                   self.cfg.train.max_grad_norm)
+        if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count_nonfinite(loss_total, float(grad_norm))
+            return None
+        self.nonfinite_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += tokens
         return loss_total / max(n_supervised, 1), correct_total / max(n_supervised, 1)
+
+    def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        self.events.add(f"Skipped a step with a non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
+                        f"{self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all", level="warn",
+                        data={"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
+                              "after_step": self.step})
+        if self.nonfinite_in_a_row >= limit:
+            raise JobFailed("nonfinite_loss", f"{limit} steps in a row had a non-finite loss or gradient after step "
+                            f"{self.step}; the last good checkpoint is kept in checkpoints/. Lower "
+                            "train.learning_rate_multiplier, keep train.max_grad_norm, or use train.precision=fp32/bf16 "
+                            "instead of fp16")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -252,9 +300,12 @@ class FineTuningJob:
         return {"valid_loss": round(loss_total / max(supervised, 1), 6),
                 "valid_mean_token_accuracy": round(correct / max(supervised, 1), 6)}
 
-    # ---- saving ------------------------------------------------------------------------
+    # ---- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step-N/` (adapter + optimizer, scheduler, RNG, position) atomically; keep the newest K."""
+        """Write `checkpoints/step-N/` atomically: adapter, optimizer, scheduler, RNG states, data position.
+
+        Keeps the newest `train.keep_checkpoints`.
+        """
         folder = self.run_dir / "checkpoints"
         folder.mkdir(exist_ok=True)
         target = folder / f"step-{self.step:06d}"
@@ -262,15 +313,47 @@ class FineTuningJob:
             return target
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
         self.model.save_pretrained(staging / "adapter")
-        torch.save({"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+        torch.save({"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
+                    "nonfinite_total": self.nonfinite_total, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     "python_rng": random.getstate()}, staging / "trainer_state.pt")
         staging.rename(target)
-        self.events.add(f"Checkpoint saved at step {self.step}", data={"path": str(target)})
+        self.events.add(f"Checkpoint saved at step {self.step}", data={"path": str(target), "step": self.step})
         for old in sorted(folder.glob("step-*"))[: -self.cfg.train.keep_checkpoints or None]:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
+    def _restore_checkpoint(self) -> None:
+        """Load the newest checkpoint that reads back whole; skip broken ones with a warning."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for folder in sorted((self.run_dir / "checkpoints").glob("step-*"), reverse=True):
+            try:
+                adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
+                state = torch.load(folder / "trainer_state.pt", weights_only=False)
+                set_peft_model_state_dict(self.model, adapter)
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
+                self.events.add(f"Skipped unreadable checkpoint {folder.name}: {type(error).__name__}: {error}",
+                                level="warn")
+                self.console.print(f"[yellow]warning[/] skipped unreadable checkpoint {folder.name} ({error})")
+                continue
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            random.setstate(state["python_rng"])
+            self.step, self.position = state["step"], tuple(state["position"])
+            self.tokens_seen, self.nonfinite_total = state["tokens_seen"], state["nonfinite_total"]
+            self.results.load(until_step=self.step)
+            self.events.drop_metrics_after(self.step)
+            self.events.add(f"Resumed from checkpoint {folder.name}", data={"step": self.step})
+            return
+        self.events.add("No usable checkpoint: starting from step 0", level="warn")
+
+    # ---- finishing ---------------------------------------------------------------------
     def save_adapter(self) -> Path:
         """Write the final adapter (PEFT format) and tokenizer to `adapter/`, atomically."""
         target = self.run_dir / "adapter"
@@ -290,14 +373,33 @@ class FineTuningJob:
         self.job.finish("succeeded", fine_tuned_model=name, trained_tokens=self.tokens_seen,
                         result_files=["results.csv", "adapter", "loss.png"])
         self.events.add(f"The job has successfully completed: {name}",
-                        data={"wall_seconds": round(self.wall_seconds, 2), "trained_tokens": self.tokens_seen})
+                        data={"wall_seconds": round(self.wall_seconds, 2), "trained_tokens": self.tokens_seen,
+                              "nonfinite_steps_skipped": self.nonfinite_total})
 
 
-def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> int:
-    """`ftlab train`: run one job in `run_dir`; returns the exit code (0 ok, 1 failed, 130 cancelled)."""
+OUT_OF_MEMORY_HELP = (
+    "out of memory. Knobs that help, roughly in order: train.micro_batch_size=1 (or a smaller train.batch_size), "
+    "train.gradient_checkpointing=true, train.max_length=1024 (shorter examples), train.quantization=nf4 "
+    "(4-bit backbone), train.lora.r=8, a smaller backbone"
+)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None, resume: bool = False) -> int:
+    """`ftlab train`: run (or resume) one job in `run_dir`; returns the exit code (0 ok, 1 failed, 130 cancelled)."""
     console = console or Console()
-    job = FineTuningJob(cfg, run_dir, console)
+    job = FineTuningJob(cfg, run_dir, console, resume=resume)
+    lock = RunLock(run_dir)
     previous_handler = signal.signal(signal.SIGTERM, _raise_cancelled)
+    try:
+        lock.acquire()
+    except Exception as error:  # noqa: BLE001 - the lock holder's job is left untouched
+        console.print(f"[red]refused[/] [{getattr(error, 'code', 'locked')}] {error}")
+        signal.signal(signal.SIGTERM, previous_handler)
+        return 1
     try:
         job.setup()
         job.train()
@@ -308,21 +410,24 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None)
                 job.save_checkpoint()
             job.job.finish("cancelled", error=None)
             job.events.add(f"Job cancelled ({stop or 'interrupted'}) at step {job.step}", level="warn")
-        console.print(f"[yellow]cancelled[/] at step {job.step}; run dir {run_dir}")
+        console.print(f"[yellow]cancelled[/] at step {job.step}; resume with: ftlab train resume={run_dir}")
         return 130
     except Exception as error:  # noqa: BLE001 - every failure is recorded in the job before exit
         code = getattr(error, "code", None) or type(error).__name__
         message = getattr(error, "message", None) or str(error)
+        if _is_out_of_memory(error):
+            code, message = "out_of_memory", f"{OUT_OF_MEMORY_HELP} ({message.splitlines()[0][:200]})"
         if hasattr(job, "job"):
             job.job.finish("failed", error={"code": code, "message": message, "param": None})
             job.events.add(f"Job failed: [{code}] {message}", level="error")
         console.print(f"[red]failed[/] [{code}] {message}")
-        if not isinstance(error, JobFailed):
+        if not isinstance(error, JobFailed) and code != "out_of_memory" and not hasattr(type(error), "code"):
             console.print_exception(max_frames=8)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if hasattr(job, "logger"):
             job.logger.finish(job.job.record["status"])
+        lock.release()
     console.print(f"[green]succeeded[/] {job.job.record['fine_tuned_model']}  ({job.job.id}, run dir {run_dir})")
     return 0

@@ -4,6 +4,11 @@ Chat examples are rendered one message at a time with the backbone's chat templa
 rendering must extend the previous one (true of ChatML and the common templates). Labels are
 the token ids of assistant replies whose ``weight`` is not 0 and -100 everywhere else.
 Prompt/completion examples are trained on the completion and the end-of-sequence token only.
+
+A batch is either padded (one row per example, padded to the longest) or packed (padding-free:
+the batch's examples laid end to end in one row, ``position_ids`` restarting at 0 for each and a
+block-diagonal causal mask, no padding at all), so examples never attend to each other and
+per-example losses equal the padded batch's.
 """
 import random
 from dataclasses import dataclass, field
@@ -157,9 +162,40 @@ def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, to
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def batches_for_epoch(dataset: TokenizedDataset, batch_size: int, seed: int, epoch: int, pad_token_id: int):
-    """The epoch's batches, length-grouped and shuffled for (seed, epoch), as padded tensors."""
+def pack(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+    """Lay a batch end to end in one row (no padding): ``position_ids`` restart per example and
+    ``attention_mask`` is a 4D block-diagonal causal mask, so no example attends to another.
+
+    The mask is explicit because transformers only infers the blocks from ``position_ids`` when
+    there is no mask *and* no KV cache, and a model in training mode still builds a cache unless
+    ``use_cache=False``. The label at each example's first position is -100, so the shifted loss
+    never trains an example's first token to follow the previous example's last one.
+    """
+    input_ids, labels, position_ids, example_ids = [], [], [], []
+    for index, example in enumerate(examples):
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX] + example.labels[1:]  # never supervised unpacked either (nothing precedes it)
+        position_ids += range(len(example.input_ids))
+        example_ids += [index] * len(example.input_ids)
+    owner = torch.tensor(example_ids)
+    same_example = owner[:, None] == owner[None, :]
+    causal = torch.ones(len(owner), len(owner), dtype=torch.bool).tril_()
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([position_ids]), "attention_mask": (same_example & causal)[None, None]}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens in a padded or packed batch."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()) if mask.dim() == 2 else batch["input_ids"].numel()
+
+
+def batches_for_epoch(dataset: TokenizedDataset, batch_size: int, seed: int, epoch: int, pad_token_id: int,
+                      packing: bool = False):
+    """The epoch's batches, length-grouped and shuffled for (seed, epoch): padded tensors, or with
+    `packing` the same examples packed into one padding-free row (see `pack`)."""
     sampler = LengthGroupedSampler([len(e.input_ids) for e in dataset.examples], batch_size, seed)
     sampler.set_epoch(epoch)
     for indices in sampler.batches():
-        yield collate([dataset.examples[i] for i in indices], pad_token_id)
+        examples = [dataset.examples[i] for i in indices]
+        yield pack(examples) if packing else collate(examples, pad_token_id)

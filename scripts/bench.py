@@ -1,0 +1,444 @@
+"""ftlab vs TRL's SFTTrainer, side by side: same backbone, data, LoRA, sequence cap, seed, steps.
+
+    .venv/bin/python scripts/bench.py                      # CPU, embedded SmolLM2-135M, ~5 min on 2 cores
+    make bench ARGS="--steps 16 --repeats 3"
+    .venv/bin/python scripts/bench.py --device cuda --backbone llama-3.1-8b-instruct --quantization nf4 \\
+        --max-length 1024 --batch-size 8                   # a GPU: QLoRA, bf16, reports MFU
+
+Each (runner, repeat) is its own subprocess, so peak RSS is per run; runners alternate
+(A B C, then C B A, ...) so drift on a shared machine hits all of them alike. Runners:
+
+  ftlab          ftlab's own loop (`FineTuningJob.train`) with train.packing=true
+  ftlab-padded   the same with train.packing=false (dynamic padding, length-grouped)
+  trl-defaults   SFTTrainer as a user starts it: SFTConfig defaults (gradient checkpointing, bf16 autocast,
+                 dynamic padding, random order, loss on every token of the conversation)
+  trl-best       SFTTrainer tuned: padding_free=True, no gradient checkpointing, assistant-only loss
+                 (SmolLM2's template with {% generation %} markers added; it renders the same text)
+  trl-packing    SFTTrainer with packing=True (BFD, padding-free): batch_size rows of max_length tokens each,
+                 so each step holds several times more examples than the others
+
+Shared by all: the learning rate (ftlab's 2e-4, not TRL's 2e-5 default, so losses compare), linear
+schedule without warmup, AdamW, grad-norm clip 1.0, weight decay 0, LoRA r/alpha/dropout/targets.
+
+Reported per runner (median over repeats): supervised tokens/s (tokens of the trained assistant
+replies in the examples each step consumed, counted with ftlab's masks for every runner, so the
+unit is the same whatever a trainer puts its loss on), total tokens/s (real tokens, padding
+excluded), padding fraction (padding / positions computed), peak RSS (and peak GPU memory), the
+last step's training loss as the trainer reports it, and a held-out loss computed the same way
+for all: assistant-only mean token loss on the validation file, fp32, after training. The last
+line is `speedup X.XX` = ftlab's supervised tokens/s / trl-defaults'.
+"""
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RUNNERS = ["ftlab", "ftlab-padded", "trl-defaults", "trl-best", "trl-packing"]
+DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
+                   "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peak per GPU
+
+
+# ---- shared by every runner ------------------------------------------------------------------
+def compose(args, packing: bool | None = None):
+    """ftlab's composed config for these bench settings (the same one every runner reads its settings from)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    overrides = [f"backbone={args.backbone}", f"data={args.data}", "data.validation_file=null", "logger=none",
+                 "moderation=off", f"train={args.train}", f"train.batch_size={args.batch_size}",
+                 f"train.max_steps={args.steps}", f"train.max_length={args.max_length}", f"train.seed={args.seed}",
+                 f"train.device={args.device}", f"train.quantization={args.quantization}",
+                 f"train.precision={args.precision}", "train.checkpoint_every=0",
+                 f"cache_dir={os.path.expanduser(args.cache_dir)}"]
+    if packing is not None:
+        overrides.append(f"train.packing={str(packing).lower()}")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides + list(args.override))
+
+
+def reference_data(cfg, tokenizer, split: str):
+    """ftlab's tokenization of the data file: the yardstick for supervised tokens and the held-out loss."""
+    from trainer.data.jsonl import load_examples
+    from trainer.data.tokenize import tokenize_examples
+    from trainer.paths import resolve_data_path
+
+    data_cfg = compose_data_cfg(cfg)
+    path = resolve_data_path(data_cfg[split])
+    return load_examples(path), tokenize_examples(load_examples(path), tokenizer, chat=True,
+                                                  max_length=cfg.train.max_length)
+
+
+def compose_data_cfg(cfg):
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(REPO / "conf" / "data" / f"{cfg.data.name}.yaml")
+    return {"train": cfg.data.train_file, "validation": data.get("validation_file")}
+
+
+def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
+    """Assistant-only mean token loss on the validation file, fp32, no dropout: the same yardstick for every runner."""
+    import torch
+
+    from trainer.data.tokenize import batches_for_epoch
+    from trainer.train import token_loss_and_accuracy
+
+    if not compose_data_cfg(cfg)["validation"]:
+        return None
+    _, dataset = reference_data(cfg, tokenizer, "validation")
+    model.eval()
+    loss_total, supervised = 0.0, 0
+    with torch.no_grad():
+        for batch in batches_for_epoch(dataset, 8, 0, 0, tokenizer.pad_token_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            loss_sum, n, _ = token_loss_and_accuracy(logits.float(), batch["labels"])
+            loss_total, supervised = loss_total + loss_sum.item(), supervised + n
+    return loss_total / max(supervised, 1)
+
+
+class TokenCounter:
+    """Counts what each consumed batch holds: positions, real tokens, supervised (assistant) tokens, loss tokens."""
+
+    def __init__(self, supervised_by_ids: dict):
+        self.supervised_by_ids = supervised_by_ids
+        self.positions = self.tokens = self.supervised = self.loss_tokens = self.examples = self.unmatched = 0
+
+    def sequences(self, batch):
+        ids = batch["input_ids"].cpu()
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.dim() == 2:  # padded rows
+            for row, row_mask in zip(ids, mask.cpu()):
+                yield row[: int(row_mask.sum())].tolist()
+        else:  # padding-free / packed rows: split where position_ids restart
+            positions = batch["position_ids"].cpu()
+            for row, row_positions in zip(ids, positions):
+                starts = (row_positions == 0).nonzero().flatten().tolist() + [len(row)]
+                for a, b in zip(starts, starts[1:]):
+                    yield row[a:b].tolist()
+
+    def add(self, batch) -> None:
+        from trainer.data.tokenize import IGNORE_INDEX
+
+        self.positions += batch["input_ids"].numel()
+        self.loss_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        for sequence in self.sequences(batch):
+            if not sequence or all(t == sequence[0] for t in sequence) and tuple(sequence) not in self.supervised_by_ids:
+                continue  # a trailing pad segment of a packed row
+            self.tokens += len(sequence)
+            self.examples += 1
+            n = self.supervised_by_ids.get(tuple(sequence))
+            if n is None:
+                self.unmatched += 1
+            self.supervised += n or 0
+
+    def record(self) -> dict:
+        return {"positions": self.positions, "tokens": self.tokens, "supervised_tokens": self.supervised,
+                "loss_tokens": self.loss_tokens, "examples": self.examples, "unmatched_examples": self.unmatched}
+
+
+def supervised_lookup(dataset) -> dict:
+    from trainer.data.tokenize import IGNORE_INDEX
+
+    return {tuple(e.input_ids): sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in dataset.examples}
+
+
+def peak_memory(device: str) -> dict:
+    import torch
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device == "cuda":
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+# ---- runners (each in its own process) -------------------------------------------------------
+def run_ftlab(args, packing: bool) -> dict:
+    from rich.console import Console
+
+    import trainer.train as ftlab_train
+    from trainer.model import load_tokenizer
+
+    cfg = compose(args, packing=packing)
+    counter_holder = {}
+    original_batches = ftlab_train.batches_for_epoch
+
+    def batches(*a, **kw):  # passes train.packing until train.py forwards it itself
+        kw.setdefault("packing", cfg.train.packing)
+        return original_batches(*a, **kw)
+
+    ftlab_train.batches_for_epoch = batches
+    with tempfile.TemporaryDirectory(prefix="ftlab-bench-") as run_dir:
+        job = ftlab_train.FineTuningJob(cfg, Path(run_dir), Console(file=open(os.devnull, "w")))
+        job.setup()
+        tokenizer = load_tokenizer(cfg)
+        _, train_ref = reference_data(cfg, tokenizer, "train")
+        counter = counter_holder["c"] = TokenCounter(supervised_lookup(train_ref))
+        step = job._optimizer_step
+
+        def counted_step(batch):
+            counter.add(batch)
+            return step(batch)
+
+        job._optimizer_step = counted_step
+        started = time.perf_counter()
+        job.train()
+        seconds = time.perf_counter() - started
+        memory = peak_memory(job.runtime.device)
+        return {"seconds": seconds, "steps": job.step, "final_train_loss": job.results.rows[-1]["train_loss"],
+                **counter.record(), **memory,
+                "heldout_loss": heldout_loss(job.model, tokenizer, cfg, job.runtime.device),
+                "settings": {"packing": packing, "precision": job.runtime.precision_name,
+                             "quantization": job.runtime.quantization,
+                             "gradient_checkpointing": bool(cfg.train.gradient_checkpointing)}}
+
+
+GENERATION_TAGGED = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                     "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n'}}"
+                     "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' + '\n' }}"
+                     "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+                     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def run_trl(args, variant: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer.model import backbone_folder, load_tokenizer, resolve_runtime
+
+    cfg = compose(args)
+    runtime = resolve_runtime(cfg.train)
+    tokenizer = load_tokenizer(cfg)
+    examples, train_ref = reference_data(cfg, tokenizer, "train")
+    rows = [{"messages": [{"role": m["role"], "content": m.get("content") or ""} for m in ex["messages"]]}
+            for _, ex in examples]
+    lora = cfg.train.lora
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                             target_modules=list(lora.target_modules or cfg.backbone.lora_target_modules))
+    model_init_kwargs = {}
+    if runtime.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        model_init_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        model_init_kwargs["dtype"] = torch.bfloat16
+    settings = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), max_length=args.max_length,
+                    per_device_train_batch_size=args.batch_size, max_steps=args.steps, seed=args.seed,
+                    data_seed=args.seed, learning_rate=cfg.train.base_learning_rate, warmup_steps=0,
+                    weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm, logging_steps=1,
+                    save_strategy="no", report_to="none", use_cpu=runtime.device == "cpu",
+                    disable_tqdm=True, model_init_kwargs=model_init_kwargs or None)
+    if variant == "trl-best":
+        settings |= dict(padding_free=True, gradient_checkpointing=False, assistant_only_loss=True)
+        tokenizer.chat_template = GENERATION_TAGGED
+    elif variant == "trl-packing":
+        settings |= dict(packing=True, gradient_checkpointing=False)
+    config = SFTConfig(**settings)
+    trainer = SFTTrainer(model=str(backbone_folder(cfg)), args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft_config)
+    counter = TokenCounter(supervised_lookup(train_ref))
+    compute_loss = trainer.compute_loss
+
+    def counted_loss(model, inputs, *a, **kw):
+        if model.training:
+            counter.add(inputs)
+        return compute_loss(model, inputs, *a, **kw)
+
+    trainer.compute_loss = counted_loss
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    memory = peak_memory(runtime.device)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"seconds": seconds, "steps": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
+            **counter.record(), **memory,
+            "heldout_loss": heldout_loss(trainer.model, load_tokenizer(cfg), cfg, runtime.device),
+            "settings": {"padding_free": config.padding_free, "packing": config.packing,
+                         "gradient_checkpointing": config.gradient_checkpointing, "bf16": config.bf16,
+                         "assistant_only_loss": config.assistant_only_loss}}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.manual_seed(args.seed)
+    if args.child.startswith("ftlab"):
+        result = run_ftlab(args, packing=args.child == "ftlab")
+    else:
+        result = run_trl(args, args.child)
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ---- the parent: alternate, summarise, save ---------------------------------------------------
+def summarise(runner: str, runs: list[dict], n_params: float, device_name: str) -> dict:
+    med = lambda key: statistics.median(r[key] for r in runs if r.get(key) is not None)  # noqa: E731
+    summary = {
+        "runner": runner, "repeats": len(runs),
+        "supervised_tokens_per_s": med("supervised_tokens") / med("seconds") if runs else 0.0,
+        "supervised_tokens_per_s_runs": [r["supervised_tokens"] / r["seconds"] for r in runs],
+        "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in runs),
+        "padding_fraction": statistics.median(1 - r["tokens"] / r["positions"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "final_train_loss": med("final_train_loss"),
+        "heldout_loss": med("heldout_loss") if any(r.get("heldout_loss") is not None for r in runs) else None,
+        "seconds": med("seconds"), "examples_per_step": med("examples") / max(med("steps"), 1),
+        "loss_tokens_per_step": med("loss_tokens") / max(med("steps"), 1),
+        "settings": runs[0]["settings"],
+    }
+    summary["supervised_tokens_per_s"] = statistics.median(summary["supervised_tokens_per_s_runs"])
+    if "peak_gpu_mib" in runs[0]:
+        summary["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in runs)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+        if peak and n_params:  # LoRA on a frozen base: ~2N forward + ~2N backward (activations only) per token
+            summary["mfu"] = summary["tokens_per_s"] * 4 * n_params / peak
+    return summary
+
+
+def environment(args) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"]:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "trainer"], cwd=REPO, capture_output=True, text=True).stdout)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    machine = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+               "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None}
+    return {"machine": machine, "versions": {"python": platform.python_version(), **versions},
+            "ftlab_commit": commit + ("+dirty" if dirty else "")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runners", default=DEFAULT_RUNNERS, help=f"comma-separated, from {RUNNERS}")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128, help="sequence cap (tokens per example; TRL's packed row length)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--backbone", default="smollm2-135m-instruct", help="a conf/backbone/ name")
+    parser.add_argument("--data", default="json_output", help="a conf/data/ name (chat format)")
+    parser.add_argument("--train", default="default", help="a conf/train/ preset (qlora on a GPU)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--quantization", default="none", choices=["none", "nf4", "auto"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--cache-dir", default="~/.cache/ftlab")
+    parser.add_argument("--override", action="append", default=[], help="extra ftlab override for every runner (repeatable)")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>-<backbone>-<date>.json)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    runners = [r.strip() for r in args.runners.split(",") if r.strip()]
+    unknown = sorted(set(runners) - set(RUNNERS))
+    if unknown:
+        parser.error(f"unknown runner(s) {unknown}; choose from {RUNNERS}")
+    if any(r.startswith("trl") for r in runners):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            parser.error("TRL is not installed: pip install -e '.[bench]'  (or: make bench)")
+    passthrough = [a for a in sys.argv[1:]]
+    runs: dict[str, list[dict]] = {r: [] for r in runners}
+    for repeat in range(args.repeats):
+        order = runners if repeat % 2 == 0 else runners[::-1]
+        for runner in order:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+                result_path = handle.name
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", runner, "--result", result_path],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                sys.exit(f"runner {runner} failed (exit {proc.returncode})")
+            result = json.loads(Path(result_path).read_text())
+            os.unlink(result_path)
+            result["process_seconds"] = time.perf_counter() - started
+            runs[runner].append(result)
+            print(f"[{repeat + 1}/{args.repeats}] {runner:13s} {result['supervised_tokens'] / result['seconds']:8.1f} "
+                  f"supervised tok/s  {result['seconds']:6.1f} s train  loss {result['final_train_loss']:.4f}  "
+                  f"held-out {result['heldout_loss'] or float('nan'):.4f}  rss {result['peak_rss_mib']:.0f} MiB",
+                  flush=True)
+
+    env = environment(args)
+    cfg = compose(args)
+    device_name = env["machine"]["gpu"] or env["machine"]["cpu"]
+    summaries = {r: summarise(r, runs[r], float(cfg.backbone.n_params), device_name) for r in runners}
+    baseline = summaries.get("trl-defaults")
+    print()
+    header = (f"{'runner':13s} {'sup tok/s':>9s} {'tok/s':>8s} {'padding':>7s} {'peak RSS':>9s} "
+              f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}" + ("  peak GPU    MFU" if args.device == "cuda" else ""))
+    print(header)
+    for r, s in summaries.items():
+        line = (f"{r:13s} {s['supervised_tokens_per_s']:9.1f} {s['tokens_per_s']:8.1f} {s['padding_fraction']:7.1%} "
+                f"{s['peak_rss_mib']:7.0f}Mi {s['final_train_loss']:10.4f} {s['heldout_loss'] or float('nan'):8.4f} "
+                f"{s['examples_per_step']:7.1f}")
+        if "peak_gpu_mib" in s:
+            line += f"  {s['peak_gpu_mib']:7.0f}Mi {s.get('mfu', float('nan')):6.1%}"
+        print(line)
+    if baseline:
+        print()
+        for r, s in summaries.items():
+            if r != "trl-defaults":
+                s["vs_trl_defaults"] = {
+                    "supervised_tokens_per_s": s["supervised_tokens_per_s"] / baseline["supervised_tokens_per_s"],
+                    "tokens_per_s": s["tokens_per_s"] / baseline["tokens_per_s"],
+                    "peak_rss": s["peak_rss_mib"] / baseline["peak_rss_mib"],
+                }
+                ratio = s["vs_trl_defaults"]
+                print(f"{r} / trl-defaults: supervised tok/s x{ratio['supervised_tokens_per_s']:.2f}, "
+                      f"tok/s x{ratio['tokens_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")
+    settings = {k: getattr(args, k) for k in ["steps", "batch_size", "max_length", "repeats", "seed", "backbone", "data",
+                                               "train", "device", "quantization", "precision", "override"]}
+    settings["learning_rate"] = cfg.train.base_learning_rate
+    settings["lora"] = dict(cfg.train.lora) | {"target_modules": list(cfg.train.lora.target_modules or cfg.backbone.lora_target_modules)}
+    out = Path(args.out) if args.out else (
+        REPO / "benchmarks" / "results" / f"{args.device}-{args.backbone.split('-')[0]}-{dt.date.today():%Y-%m-%d}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"created": dt.datetime.now().isoformat(timespec="seconds"), "command": "scripts/bench.py " + " ".join(sys.argv[1:]),
+              **env, "settings": settings, "summary": summaries, "runs": runs}
+    if "ftlab" in summaries and baseline:
+        record["speedup"] = summaries["ftlab"]["supervised_tokens_per_s"] / baseline["supervised_tokens_per_s"]
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"\nresults: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    if "speedup" in record:
+        print(f"speedup {record['speedup']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training data: reading JSONL files, checking their format, tokenizing them."""

@@ -1,0 +1,309 @@
+"""`ftlab eval job=...`: the base backbone next to the fine-tuned model, on the validation file.
+
+For each model it measures what training measured (validation loss and mean token accuracy, on
+the whole file, the same tokenization and masks) and what a user of the model sees: replies
+generated greedily for the first `eval.max_examples` examples, scored by `data.task`:
+
+    json   JSON validity, schema match (the reference's keys, string-or-null values),
+           field accuracy, exact match (parsed objects equal)
+    terse  words per reply, share of replies within `eval.max_words`, exact match
+    tone   share of replies ending with `eval.signoff`, words per reply
+    exact  exact match (classification labels)
+
+With `eval.compare_prompts` it also scores the base model given a long instruction prompt
+(`eval.instructions[task]`) against the fine-tuned model given none, and prices both per 1,000
+requests at the published usage prices (prompt and reply tokens counted with the billing
+encoding): the "shorter prompts" claim, measured. Results go to `<run dir>/eval.json` and
+`<run dir>/eval.png`. The base model is the same loaded model with its adapter disabled.
+"""
+import contextlib
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from trainer.chat import encode_chat_prompt, encode_completion_prompt, generate_batch, load_model, open_job
+from trainer.data.jsonl import DataFileError, load_examples
+from trainer.data.tokenize import batches_for_epoch, tokenize_examples
+from trainer.jobs import JobNotFound
+from trainer.paths import resolve_data_path
+from trainer.run import write_json
+from trainer.schema import DataFormat
+
+BASE, FINE_TUNED = "base", "fine_tuned"
+BASE_LONG_PROMPT, FINE_TUNED_NO_PROMPT = "base_long_prompt", "fine_tuned_no_prompt"
+LABELS = {BASE: "base", FINE_TUNED: "fine-tuned", BASE_LONG_PROMPT: "base + long prompt",
+          FINE_TUNED_NO_PROMPT: "fine-tuned, no prompt"}
+
+
+# ---- task metrics ----------------------------------------------------------------------------
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip()).rstrip(".").lower()
+
+
+def _parse_json(text: str):
+    try:
+        return json.loads(text.strip())
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def task_metrics(task: str | None, replies: list[str], references: list[str], eval_cfg: DictConfig) -> dict:
+    """Scores in [0, 1] (rates) plus `mean_words`; which ones depends on `task`."""
+    n = max(len(replies), 1)
+    metrics = {}
+    if task == "json":
+        valid = schema = exact = fields_right = fields_total = 0
+        for reply, reference in zip(replies, references):
+            got, want = _parse_json(reply), _parse_json(reference)
+            if not isinstance(got, dict):
+                fields_total += len(want) if isinstance(want, dict) else 0
+                continue
+            valid += 1
+            if isinstance(want, dict):
+                schema += set(got) == set(want) and all(v is None or isinstance(v, str) for v in got.values())
+                exact += got == want
+                fields_right += sum(got.get(key) == value for key, value in want.items())
+                fields_total += len(want)
+        metrics |= {"json_valid": valid / n, "schema_match": schema / n,
+                    "field_accuracy": fields_right / max(fields_total, 1), "exact_match": exact / n}
+    else:
+        metrics["exact_match"] = sum(_normal(r) == _normal(t) for r, t in zip(replies, references)) / n
+    if task == "terse":
+        metrics["terse_rate"] = sum(_words(r) <= eval_cfg.max_words for r in replies) / n
+    if task == "tone":
+        metrics["signoff_rate"] = sum(r.rstrip().endswith(eval_cfg.signoff) for r in replies) / n
+    metrics["mean_words"] = sum(_words(r) for r in replies) / n
+    return metrics
+
+
+# ---- what to ask -----------------------------------------------------------------------------
+def split_example(example: dict, chat: bool) -> tuple:
+    """(prompt, reference): the messages before the last assistant reply and that reply, or prompt/completion."""
+    if not chat:
+        return example["prompt"], example["completion"]
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]], \
+        messages[last].get("content") or ""
+
+
+def with_instructions(prompt, instructions: str, chat: bool):
+    """The prompt a base model needs: the long instructions as the system message (or before the prompt)."""
+    if not chat:
+        return f"{instructions}\n\n{prompt}"
+    return [{"role": "system", "content": instructions}] + [m for m in prompt if m["role"] != "system"]
+
+
+def without_instructions(prompt, chat: bool):
+    """The prompt a fine-tuned model needs: no system message."""
+    return [m for m in prompt if m["role"] != "system"] if chat else prompt
+
+
+def billed_prompt_tokens(prompt, chat: bool, encoding) -> int:
+    """Input tokens the hosted API bills for this prompt (cookbook counting, reply priming included)."""
+    from trainer.cost import count_example_tokens
+
+    fmt = DataFormat.chat if chat else DataFormat.prompt_completion
+    return count_example_tokens({"messages": prompt} if chat else {"prompt": prompt, "completion": ""}, fmt, encoding)
+
+
+# ---- measuring -------------------------------------------------------------------------------
+@torch.no_grad()
+def loss_and_accuracy(model, dataset, pad_token_id: int, batch_size: int, device) -> dict:
+    """Validation loss and mean token accuracy exactly as training reports them."""
+    from trainer.train import token_loss_and_accuracy
+
+    loss_total, supervised, correct = 0.0, 0, 0
+    for batch in batches_for_epoch(dataset, batch_size, 0, 0, pad_token_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, n, c = token_loss_and_accuracy(logits, batch["labels"])
+        loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
+    return {"valid_loss": loss_total / max(supervised, 1), "valid_mean_token_accuracy": correct / max(supervised, 1)}
+
+
+def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
+    """Measure base and fine-tuned on `cfg.data.validation_file`; returns the eval.json content."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    eval_cfg, chat, task = cfg.eval, loaded.chat, cfg.data.task
+    path = resolve_data_path(cfg.data.validation_file)
+    examples = load_examples(path)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    disabled = model.disable_adapter if hasattr(model, "disable_adapter") else contextlib.nullcontext
+
+    def as_base():
+        return disabled()
+
+    dataset = tokenize_examples(examples, tokenizer, chat=chat,
+                                max_length=cfg.train.max_length or cfg.model.context_length)
+    pairs = [split_example(example, chat) for _, example in examples[: eval_cfg.max_examples]]
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    instructions = (eval_cfg.instructions or {}).get(task) if task else None
+    encode = (lambda p: encode_chat_prompt(tokenizer, p)) if chat else (lambda p: encode_completion_prompt(tokenizer, p))
+
+    def replies(prompt_list) -> list[dict]:
+        return generate_batch(loaded, [encode(p) for p in prompt_list], max_new_tokens=eval_cfg.max_new_tokens,
+                              batch_size=eval_cfg.batch_size)
+
+    from trainer.cost import get_encoding, price_row
+
+    encoding = get_encoding(cfg.model.encoding)
+    prices = price_row(cfg)
+
+    def measure(name: str, prompt_list, base: bool, scores: dict | None = None) -> dict:
+        started = time.perf_counter()
+        with as_base() if base else contextlib.nullcontext():
+            if scores is None:
+                scores = loss_and_accuracy(model, dataset, tokenizer.pad_token_id, eval_cfg.batch_size, loaded.device)
+            generated = replies(prompt_list)
+        texts = [g["text"] for g in generated]
+        prompt_tokens = sum(billed_prompt_tokens(p, chat, encoding) for p in prompt_list) / max(len(prompt_list), 1)
+        output_tokens = sum(len(encoding.encode_ordinary(t)) for t in texts) / max(len(texts), 1)
+        in_price = float(prices.base_input if base and prices.base_input is not None else prices.input)
+        out_price = float(prices.base_output if base and prices.base_output is not None else prices.output)
+        result = scores | task_metrics(task, texts, references, eval_cfg) | {
+            "prompt_tokens_per_request": prompt_tokens,
+            "output_tokens_per_request": output_tokens,
+            "usd_per_1k_requests": prompt_tokens * in_price + output_tokens * out_price,
+            "price_per_1k_tokens": {"input": in_price, "output": out_price},
+            "replies": texts,
+        }
+        console.print(f"[dim]{LABELS[name]}: {len(texts)} replies in {time.perf_counter() - started:.1f} s[/]")
+        return result
+
+    models = {BASE: measure(BASE, prompts, base=True), FINE_TUNED: measure(FINE_TUNED, prompts, base=False)}
+    report = {
+        "object": "ftlab.eval",
+        "job": loaded.job.id if loaded.job else None,
+        "fine_tuned_model": loaded.label,
+        "backbone": cfg.backbone.name,
+        "model": cfg.model.name,
+        "validation_file": str(path),
+        "task": task,
+        "n_examples": len(examples),
+        "n_generated": len(prompts),
+        "decoding": {"greedy": True, "max_new_tokens": eval_cfg.max_new_tokens},
+        "created_at": int(time.time()),
+        "models": models,
+        "references": references,
+    }
+    if eval_cfg.compare_prompts and instructions:
+        long_prompts = [with_instructions(p, instructions, chat) for p in prompts]
+        short_prompts = [without_instructions(p, chat) for p in prompts]
+        keep = {k: models[BASE][k] for k in ("valid_loss", "valid_mean_token_accuracy")}
+        base_long = measure(BASE_LONG_PROMPT, long_prompts, base=True, scores=keep)
+        keep = {k: models[FINE_TUNED][k] for k in ("valid_loss", "valid_mean_token_accuracy")}
+        tuned_short = (measure(FINE_TUNED_NO_PROMPT, short_prompts, base=False, scores=keep)
+                       if chat else models[FINE_TUNED])
+        saved = base_long["prompt_tokens_per_request"] - tuned_short["prompt_tokens_per_request"]
+        report["prompt_comparison"] = {
+            "instructions": instructions,
+            BASE_LONG_PROMPT: base_long,
+            FINE_TUNED_NO_PROMPT: tuned_short,
+            "prompt_tokens_saved_per_request": saved,
+            "prompt_reduction": saved / max(base_long["prompt_tokens_per_request"], 1e-9),
+            "usd_saved_per_1k_requests": base_long["usd_per_1k_requests"] - tuned_short["usd_per_1k_requests"],
+        }
+    return report
+
+
+# ---- showing ---------------------------------------------------------------------------------
+QUALITY_KEYS = ["valid_loss", "valid_mean_token_accuracy", "json_valid", "schema_match", "field_accuracy",
+                "exact_match", "terse_rate", "signoff_rate", "mean_words"]
+COST_KEYS = ["prompt_tokens_per_request", "output_tokens_per_request", "usd_per_1k_requests"]
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "usd_per_1k_requests":
+        return f"${value:.4f}"
+    if key.endswith(("_rate", "_match", "_valid", "accuracy")):
+        return f"{value:.1%}"
+    return f"{value:.3f}" if key == "valid_loss" else f"{value:.1f}"
+
+
+def print_report(report: dict, console: Console) -> None:
+    """The side-by-side table, and the long-prompt comparison when measured."""
+    base, tuned = report["models"][BASE], report["models"][FINE_TUNED]
+    table = Table(title=f"{report['fine_tuned_model']} vs {report['backbone']} — {report['n_generated']} of "
+                        f"{report['n_examples']} validation examples generated (task: {report['task']})")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    for key in QUALITY_KEYS + COST_KEYS:
+        if key in base:
+            table.add_row(key, _fmt(key, base[key]), _fmt(key, tuned[key]))
+    console.print(table)
+    comparison = report.get("prompt_comparison")
+    if comparison:
+        long, short = comparison[BASE_LONG_PROMPT], comparison[FINE_TUNED_NO_PROMPT]
+        table = Table(title="Shorter prompts: base + long instructions vs fine-tuned with no system prompt")
+        table.add_column("metric")
+        table.add_column(LABELS[BASE_LONG_PROMPT], justify="right")
+        table.add_column(LABELS[FINE_TUNED_NO_PROMPT], justify="right")
+        for key in QUALITY_KEYS[2:] + COST_KEYS:
+            if key in long:
+                table.add_row(key, _fmt(key, long[key]), _fmt(key, short[key]))
+        console.print(table)
+        console.print(f"prompt tokens saved per request: {comparison['prompt_tokens_saved_per_request']:.1f} "
+                      f"({comparison['prompt_reduction']:.0%}); $ saved per 1,000 requests: "
+                      f"${comparison['usd_saved_per_1k_requests']:.4f} (fine-tuned tokens cost more per token)",
+                      highlight=False)
+
+
+def plot_report(report: dict, path: Path) -> Path:
+    """eval.png: base vs fine-tuned bars for every rate (and the validation loss on its own axis)."""
+    from trainer.plots import plt
+
+    base, tuned = report["models"][BASE], report["models"][FINE_TUNED]
+    keys = [k for k in QUALITY_KEYS[1:] if k in base and k != "mean_words"]
+    figure, (rates, loss) = plt.subplots(1, 2, figsize=(9, 4), dpi=110, gridspec_kw={"width_ratios": [4, 1]})
+    x = range(len(keys))
+    rates.bar([i - 0.2 for i in x], [base[k] for k in keys], 0.4, label="base", color="#9e9e9e")
+    rates.bar([i + 0.2 for i in x], [tuned[k] for k in keys], 0.4, label="fine-tuned", color="#1f77b4")
+    rates.set_xticks(list(x), [k.replace("valid_mean_", "") for k in keys], rotation=20, fontsize=8)
+    rates.set_ylim(0, 1)
+    rates.legend()
+    rates.set_title(f"{report['fine_tuned_model']} (task: {report['task']})", fontsize=9)
+    loss.bar(["base", "fine-tuned"], [base["valid_loss"], tuned["valid_loss"]], color=["#9e9e9e", "#1f77b4"])
+    loss.set_title("validation loss", fontsize=9)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(path)
+    return path
+
+
+def evaluate_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
+    """`ftlab eval`: measure, write eval.json (+ eval.png) into the job's run dir, print the tables."""
+    console = Console()
+    try:
+        job_cfg, job = open_job(cfg, overrides)
+        if job is None:
+            raise JobNotFound("ftlab eval compares a job with its backbone: pass job=<ftjob-… | ft:… | run dir | latest>")
+        if not job_cfg.data.validation_file:
+            raise JobNotFound(f"job {job.id} has no validation file: pass data.validation_file=<file.jsonl>")
+        loaded = load_model(job_cfg, job, use_adapter=True, console=Console(stderr=True, soft_wrap=True))
+        report = run_eval(job_cfg, loaded, console)
+    except (JobNotFound, DataFileError) as error:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error[/] {error}", highlight=False)
+        return 2
+    write_json(job.run_dir / "eval.json", report)
+    print_report(report, console)
+    if job_cfg.eval.plot:
+        plot_report(report, job.run_dir / "eval.png")
+    console.print(f"wrote {job.run_dir / 'eval.json'}" + (" and eval.png" if job_cfg.eval.plot else ""),
+                  highlight=False)
+    return 0
