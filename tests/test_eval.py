@@ -50,7 +50,7 @@ def test_prompts_for_the_comparison():
 def test_eval_writes_eval_json_and_chart(tiny_chat_job, cache_dir, capsys):  # noqa: F811
     instructions = "Answer with the number only, in digits, with no words, no sentence and no punctuation at all."
     cfg = use_cfg(cache_dir, tiny_chat_job, "eval.max_examples=3", "eval.max_new_tokens=4", "eval.batch_size=2",
-                  f"+eval.instructions.exact='{instructions}'")
+                  f"eval.instructions.exact='{instructions}'")
     assert evaluate_main(cfg) == 0
     report = json.loads((tiny_chat_job / "eval.json").read_text())
     assert (tiny_chat_job / "eval.png").stat().st_size > 0
@@ -76,7 +76,8 @@ def test_eval_writes_eval_json_and_chart(tiny_chat_job, cache_dir, capsys):  # n
 
 
 def test_eval_needs_a_validation_file(tiny_chat_job, cache_dir, capsys):  # noqa: F811
-    assert evaluate_main(use_cfg(cache_dir, tiny_chat_job, "data.validation_file=/nonexistent.jsonl")) == 2
+    override = "data.validation_file=/nonexistent.jsonl"
+    assert evaluate_main(use_cfg(cache_dir, tiny_chat_job, override), (override,)) == 2
     assert "file not found" in capsys.readouterr().err
 
 

@@ -181,12 +181,18 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     function = VERBS[verb]
 
-    def task(cfg: DictConfig) -> int:
+    def task(cfg: DictConfig):
         code = function(cfg)
         _exit_codes.append(code)
+        if verb == "train" and not cfg.resume:
+            from trainer.sweep import objective
+
+            return objective(_run_dir())  # what a sweeper (hparams_search=optuna) minimises
         return code
 
     app = hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(task)
     sys.argv = [f"ftlab {verb}", *args, f"hydra.job.name={verb}"]
     app()
-    sys.exit(max(_exit_codes, default=0))
+    from trainer.sweep import FAILED_JOBS
+
+    sys.exit(max([*_exit_codes, 1 if FAILED_JOBS else 0]))

@@ -72,7 +72,7 @@ def task_metrics(task: str | None, replies: list[str], references: list[str], ev
             if isinstance(want, dict):
                 schema += set(got) == set(want) and all(v is None or isinstance(v, str) for v in got.values())
                 exact += got == want
-                fields_right += sum(got.get(key) == value for key, value in want.items())
+                fields_right += sum(key in got and got[key] == value for key, value in want.items())
                 fields_total += len(want)
         metrics |= {"json_valid": valid / n, "schema_match": schema / n,
                     "field_accuracy": fields_right / max(fields_total, 1), "exact_match": exact / n}

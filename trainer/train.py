@@ -136,7 +136,10 @@ class FineTuningJob:
         chat = cfg.model.format == DataFormat.chat
         self.train_data = self._tokenize(self.train_path, chat, max_length)
         self.valid_data = self._tokenize(self.valid_path, chat, max_length) if self.valid_path else None
-        self.hyperparameters = resolve_hyperparameters(cfg.train, len(self.train_data.examples))
+        try:
+            self.hyperparameters = resolve_hyperparameters(cfg.train, len(self.train_data.examples))
+        except ValueError as error:
+            raise JobFailed("invalid_hyperparameter", str(error)) from None
         self.hyperparameters["n_epochs"] = self.estimate.get("n_epochs", self.hyperparameters["n_epochs"])
         hp = self.hyperparameters
         self.steps_per_epoch = math.ceil(len(self.train_data.examples) / hp["batch_size"])
