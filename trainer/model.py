@@ -6,7 +6,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from trainer.schema import Device, Precision, Quantization
+from trainer.schema import Device, Distributed, Precision, Quantization
 
 
 @dataclass
@@ -93,6 +93,8 @@ def load_base_model(cfg: DictConfig, runtime: Runtime):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=runtime.dtype,
+            # FSDP can only shard the 4-bit weights when they are stored in a float container
+            bnb_4bit_quant_storage=runtime.dtype if cfg.train.distributed == Distributed.fsdp else torch.uint8,
         )
         kwargs["device_map"] = {"": runtime.device if runtime.device == "cpu" else 0}
     model = AutoModelForCausalLM.from_pretrained(str(backbone_folder(cfg)), **kwargs)

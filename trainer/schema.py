@@ -31,6 +31,11 @@ class Precision(Enum):
     fp16 = "fp16"
 
 
+class Distributed(Enum):
+    ddp = "ddp"  # replicate the model on every rank (torchrun / accelerate launch)
+    fsdp = "fsdp"  # shard it too: large backbones, with quantization=nf4 (FSDP + QLoRA)
+
+
 class Device(Enum):
     auto = "auto"
     cpu = "cpu"
@@ -100,6 +105,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept
     max_cost_usd: Optional[float] = None  # refuse a job whose hosted-price estimate is higher
+    distributed: Distributed = Distributed.ddp  # how several launched processes share the work
     max_nonfinite_steps: int = 3  # NaN/inf losses or gradients in a row before the job fails (each is skipped)
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from trainer.data.jsonl import DataFileError, load_examples
+from trainer.distributed import ProcessGroup, destroy, full_parameters, init_process_group, sum_across, wrap
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batches_for_epoch, tokenize_examples
 from trainer.hyperparams import resolve_hyperparameters
 from trainer.model import add_lora, load_base_model, load_tokenizer, resolve_runtime
@@ -68,11 +69,14 @@ def model_inputs(batch: dict) -> dict:
 class FineTuningJob:
     """One fine-tuning job in one run directory."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, console: Console | None = None, resume: bool = False):
+    def __init__(self, cfg: DictConfig, run_dir: Path, console: Console | None = None, resume: bool = False,
+                 group: ProcessGroup = ProcessGroup(), checkpoints_dir: Path | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.console = console or Console()
-        self.resume = resume
+        self.resume = resume  # continue the job recorded in run_dir
+        self.group = group  # this process's place among the launched ones (rank 0 keeps the record)
+        self.checkpoints_dir = Path(checkpoints_dir or self.run_dir / "checkpoints")
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.results = ResultsTable(self.run_dir / "results.csv")
         self.step = 0
@@ -112,9 +116,10 @@ class FineTuningJob:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
-        if self.resume:
+        if self.resume or self.checkpoints_dir.parent != self.run_dir:
             self._restore_checkpoint()
-        self.logger = instantiate(cfg.logger, run_dir=self.run_dir, name=self.job.id, _recursive_=False, _convert_="all",
+        self.train_model = wrap(self.model, self.group, self.runtime.device, cfg.train.distributed.value)
+        self.logger = instantiate(cfg.logger if self.group.is_main else {"_target_": "trainer.loggers.NullLogger"}, run_dir=self.run_dir, name=self.job.id, _recursive_=False, _convert_="all",
                                   run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
     def _preflight(self) -> tuple[dict, Path, Path | None]:
@@ -196,7 +201,7 @@ class FineTuningJob:
         self.events.add(f"Fine-tuning job started: {self.total_steps} steps, {hp['n_epochs']} epochs, "
                         f"batch size {hp['batch_size']}, learning rate {hp['learning_rate']:.2e}"
                         + (f", resumed at step {self.step}" if self.step else ""))
-        self.model.train()
+        self.train_model.train()
         started, tokens_at_start = time.perf_counter(), self.tokens_seen
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn()]
@@ -205,7 +210,8 @@ class FineTuningJob:
             first_epoch, first_batch = self.position
             for epoch in range(first_epoch, hp["n_epochs"]):
                 batches = batches_for_epoch(self.train_data, hp["batch_size"], cfg.train.seed, epoch,
-                                            self.tokenizer.pad_token_id)
+                                            self.tokenizer.pad_token_id, packing=cfg.train.packing,
+                                            shard=(self.group.rank, self.group.world_size))
                 for batch_index, batch in enumerate(batches):
                     if epoch == first_epoch and batch_index < first_batch:
                         continue  # trained before the checkpoint this run resumed from
@@ -247,18 +253,23 @@ class FineTuningJob:
         finite: the step is skipped and counted; `train.max_nonfinite_steps` in a row fail the job.
         """
         micro = self.cfg.train.micro_batch_size or batch["input_ids"].size(0)
-        n_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        local_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # Normalise by the global count; DDP averages gradients over ranks, so scale back up by world size.
+        n_supervised = int(sum_across(self.group, [local_supervised], self.runtime.device)[0])
+        loss_scale = self.group.world_size / max(n_supervised, 1)
         loss_total, correct_total, tokens = 0.0, 0, 0
         for start in range(0, batch["input_ids"].size(0), micro):
             part = {k: v[start : start + micro].to(self.runtime.device) for k, v in batch.items()}
             with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
                                 enabled=self.runtime.dtype != torch.float32):
-                logits = self.model(**model_inputs(part)).logits
+                logits = self.train_model(**model_inputs(part)).logits
             loss_sum, _, correct = token_loss_and_accuracy(logits, part["labels"])
-            (loss_sum / max(n_supervised, 1)).backward()
+            (loss_sum * loss_scale).backward()
             loss_total += loss_sum.item()
             correct_total += correct
             tokens += int(part["attention_mask"].sum()) if "attention_mask" in part else part["input_ids"].numel()
+        loss_total, correct_total, tokens = sum_across(self.group, [loss_total, correct_total, tokens],
+                                                       self.runtime.device)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                    self.cfg.train.max_grad_norm)
         if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
@@ -269,7 +280,7 @@ class FineTuningJob:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens_seen += tokens
+        self.tokens_seen += int(tokens)
         return loss_total / max(n_supervised, 1), correct_total / max(n_supervised, 1)
 
     def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
@@ -289,17 +300,18 @@ class FineTuningJob:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss and mean token accuracy over the whole validation file."""
-        self.model.eval()
+        self.train_model.eval()
         loss_total, supervised, correct = 0.0, 0, 0
         for batch in batches_for_epoch(self.valid_data, self.hyperparameters["batch_size"], 0, 0,
-                                       self.tokenizer.pad_token_id):
+                                       self.tokenizer.pad_token_id, shard=(self.group.rank, self.group.world_size)):
             batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
             with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
                                 enabled=self.runtime.dtype != torch.float32):
-                logits = self.model(**model_inputs(batch)).logits
+                logits = self.train_model(**model_inputs(batch)).logits
             loss_sum, n, c = token_loss_and_accuracy(logits, batch["labels"])
             loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
-        self.model.train()
+        loss_total, supervised, correct = sum_across(self.group, [loss_total, supervised, correct], self.runtime.device)
+        self.train_model.train()
         return {"valid_loss": round(loss_total / max(supervised, 1), 6),
                 "valid_mean_token_accuracy": round(correct / max(supervised, 1), 6)}
 
@@ -309,13 +321,14 @@ class FineTuningJob:
 
         Keeps the newest `train.keep_checkpoints`.
         """
-        folder = self.run_dir / "checkpoints"
-        folder.mkdir(exist_ok=True)
+        folder = self.checkpoints_dir
         target = folder / f"step-{self.step:06d}"
-        if target.exists():
-            return target
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
-        self.model.save_pretrained(staging / "adapter")
+        with full_parameters(self.train_model):
+            if not self.group.is_main or target.exists():
+                return target
+            folder.mkdir(exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+            self.model.save_pretrained(staging / "adapter")
         torch.save({"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
                     "nonfinite_total": self.nonfinite_total, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -332,7 +345,7 @@ class FineTuningJob:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        for folder in sorted((self.run_dir / "checkpoints").glob("step-*"), reverse=True):
+        for folder in sorted(self.checkpoints_dir.glob("step-*"), reverse=True):
             try:
                 adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
                 state = torch.load(folder / "trainer_state.pt", weights_only=False)
@@ -361,7 +374,8 @@ class FineTuningJob:
         """Write the final adapter (PEFT format) and tokenizer to `adapter/`, atomically."""
         target = self.run_dir / "adapter"
         staging = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".adapter-"))
-        self.model.save_pretrained(staging)
+        with full_parameters(self.train_model):
+            self.model.save_pretrained(staging)
         self.tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
@@ -394,8 +408,13 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None, resume: bool = False) -> int:
     """`ftlab train`: run (or resume) one job in `run_dir`; returns the exit code (0 ok, 1 failed, 130 cancelled)."""
     console = console or Console()
-    job = FineTuningJob(cfg, run_dir, console, resume=resume)
-    lock = RunLock(run_dir)
+    group = init_process_group(resolve_runtime(cfg.train).device)
+    record_dir, checkpoints_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+    if not group.is_main:  # other ranks compute only; their scratch record is removed at the end
+        record_dir, resume, console = Path(tempfile.mkdtemp(prefix=f"ftlab-rank{group.rank}-")), False, Console(quiet=True)
+    job = FineTuningJob(cfg, record_dir, console, resume=resume, group=group,
+                        checkpoints_dir=checkpoints_dir if resume or not group.is_main else None)
+    lock = RunLock(record_dir)
     previous_handler = signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         lock.acquire()
@@ -409,7 +428,7 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
         job.finish()
     except (KeyboardInterrupt, JobCancelled) as stop:
         if hasattr(job, "job"):
-            if hasattr(job, "optimizer") and job.step:
+            if hasattr(job, "train_model") and job.step:
                 job.save_checkpoint()
             job.job.finish("cancelled", error=None)
             job.events.add(f"Job cancelled ({stop or 'interrupted'}) at step {job.step}", level="warn")
@@ -432,5 +451,8 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
         if hasattr(job, "logger"):
             job.logger.finish(job.job.record["status"])
         lock.release()
+        destroy(group)
+        if not group.is_main:
+            shutil.rmtree(record_dir, ignore_errors=True)
     console.print(f"[green]succeeded[/] {job.job.record['fine_tuned_model']}  ({job.job.id}, run dir {run_dir})")
     return 0

@@ -191,11 +191,16 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def batches_for_epoch(dataset: TokenizedDataset, batch_size: int, seed: int, epoch: int, pad_token_id: int,
-                      packing: bool = False):
+                      packing: bool = False, shard: tuple[int, int] = (0, 1)):
     """The epoch's batches, length-grouped and shuffled for (seed, epoch): padded tensors, or with
     `packing` the same examples packed into one padding-free row (see `pack`)."""
     sampler = LengthGroupedSampler([len(e.input_ids) for e in dataset.examples], batch_size, seed)
     sampler.set_epoch(epoch)
     for indices in sampler.batches():
-        examples = [dataset.examples[i] for i in indices]
+        # With several ranks, each takes every world_size-th example of the same global batch.
+        rank, world_size = shard
+        examples = [dataset.examples[i] for i in indices[rank::world_size]]
+        if not examples:  # a last batch smaller than the number of ranks: a step that trains nothing here
+            first = dataset.examples[indices[0]]
+            examples = [TokenizedExample(first.input_ids, [IGNORE_INDEX] * len(first.labels))]
         yield pack(examples) if packing else collate(examples, pad_token_id)

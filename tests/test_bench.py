@@ -1,0 +1,57 @@
+"""scripts/bench.py plumbing on the tiny Llama: token counting and one ftlab run (no TRL needed)."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from trainer.data.tokenize import collate, pack, tokenize_examples
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    from transformers import AutoTokenizer
+
+    from trainer.backbones import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama(cache_dir)))
+    examples = [{"messages": [{"role": "user", "content": "fox " * (i + 1)}, {"role": "assistant", "content": "dog" * (i + 1)}]}
+                for i in range(5)]
+    return tokenizer, tokenize_examples(list(enumerate(examples)), tokenizer, chat=True, max_length=100)
+
+
+def test_token_counter_sees_the_same_batch_padded_or_packed(bench, tiny):
+    tokenizer, dataset = tiny
+    counts = []
+    for batch in (collate(dataset.examples, tokenizer.pad_token_id), pack(dataset.examples)):
+        counter = bench.TokenCounter(bench.supervised_lookup(dataset))
+        counter.add(batch)
+        counts.append(counter.record())
+    padded, packed = counts
+    assert padded["tokens"] == packed["tokens"] == packed["positions"] == dataset.n_tokens
+    assert padded["positions"] > padded["tokens"]
+    assert padded["supervised_tokens"] == packed["supervised_tokens"] == padded["loss_tokens"] == dataset.n_supervised
+    assert padded["examples"] == packed["examples"] == 5 and padded["unmatched_examples"] == 0
+
+
+def test_ftlab_runner_trains_and_reports(bench, cache_dir):
+    args = argparse.Namespace(backbone="tiny-llama", data="json_output", train="default", batch_size=2, steps=2,
+                              max_length=128, seed=0, device="cpu", quantization="none", precision="fp32",
+                              cache_dir=cache_dir, override=[])
+    result = bench.run_ftlab(args, packing=True)
+    assert result["steps"] == 2 and result["examples"] == 4 and result["unmatched_examples"] == 0
+    assert result["positions"] == result["tokens"]  # packed: no padding
+    assert 0 < result["supervised_tokens"] == result["loss_tokens"] < result["tokens"]
+    assert result["heldout_loss"] > 0 and result["peak_rss_mib"] > 0
+    summary = bench.summarise("ftlab", [result], 0.0, "cpu")
+    assert summary["padding_fraction"] == 0 and summary["supervised_tokens_per_s"] > 0
