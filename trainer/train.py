@@ -350,7 +350,11 @@ class FineTuningJob:
                 adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
                 state = torch.load(folder / "trainer_state.pt", weights_only=False)
                 set_peft_model_state_dict(self.model, adapter)
-                self.optimizer.load_state_dict(state["optimizer"])
+                if self.group.enabled and self.cfg.train.distributed.value == "fsdp":
+                    # rank 0's optimizer state covers only its shard; the moments restart
+                    self.events.add("FSDP resume: optimizer moments restart from zero", level="warn")
+                else:
+                    self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
                 self.events.add(f"Skipped unreadable checkpoint {folder.name}: {type(error).__name__}: {error}",
