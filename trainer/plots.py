@@ -20,6 +20,11 @@ def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path:
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend()
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Lay out, save as PNG atomically (temp file + rename) and close a matplotlib figure."""
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp)

@@ -80,10 +80,7 @@ def write_summary(sweep_dir: Path) -> list[dict]:
 
 
 def _plot(summary: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trainer.plots import plt, save_figure
 
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     shared = set.intersection(*(set(job["overrides"].split()) for job in summary))
@@ -104,11 +101,7 @@ def _plot(summary: list[dict], path: Path) -> None:
         if job["status"] != "succeeded":
             bars.annotate(job["status"], (index, 0), ha="center", va="bottom", color="#d62728")
     bars.set(xlabel="job", ylabel="final validation (else training) loss", title="final loss (red: not succeeded)")
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    tmp.replace(path)
+    save_figure(figure, path)
 
 
 class SweepSummary(Callback):
