@@ -254,7 +254,11 @@ def run_trl(args, variant: str) -> dict:
                     save_strategy="no", report_to="none", use_cpu=runtime.device == "cpu",
                     disable_tqdm=True, model_init_kwargs=model_init_kwargs or None)
     if variant == "trl-best":
-        settings |= dict(padding_free=True, gradient_checkpointing=False, assistant_only_loss=True)
+        # TRL refuses padding_free with a max_length it would not enforce; cap by dropping longer examples instead.
+        from trainer.data.tokenize import encode_chat
+
+        rows = [row for row in rows if len(encode_chat(row, tokenizer)[0]) <= args.max_length]
+        settings |= dict(padding_free=True, gradient_checkpointing=False, assistant_only_loss=True, max_length=None)
         tokenizer.chat_template = GENERATION_TAGGED
     elif variant == "trl-packing":
         settings |= dict(packing=True, gradient_checkpointing=False)

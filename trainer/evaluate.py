@@ -288,7 +288,7 @@ def plot_report(report: dict, path: Path) -> Path:
 
 def evaluate_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
     """`ftlab eval`: measure, write eval.json (+ eval.png) into the job's run dir, print the tables."""
-    console = Console()
+    console = Console(soft_wrap=True)
     try:
         job_cfg, job = open_job(cfg, overrides)
         if job is None:

@@ -121,7 +121,7 @@ def export_merged(cfg: DictConfig, job: JobRef, console: Console | None = None) 
 
 def export_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
     """`ftlab export`: write `<run dir>/merged/` for the job."""
-    console = Console()
+    console = Console(soft_wrap=True)
     try:
         job_cfg, job = open_job(cfg, overrides)
         if job is None:

@@ -115,6 +115,7 @@ def add_lora(model, cfg: DictConfig, runtime: Runtime):
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    model.config.use_cache = False  # training forwards must not build a KV cache
     lora = cfg.train.lora
     config = LoraConfig(
         r=lora.r,

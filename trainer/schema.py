@@ -157,9 +157,9 @@ class EvalConfig:
 class ExportConfig:
     """`ftlab export`: merge the adapter into a full model in `<run dir>/merged/`."""
 
-    dtype: str = "auto"  # auto (the backbone's saved dtype) | fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto (fp32, exact merge) | fp32 | bf16 | fp16 (halves the size; verify then allows 5e-2)
     verify: bool = True  # reload the merged model and compare its logits with backbone + adapter
-    atol: float = 1.0e-4  # allowed max |logit difference| when verifying
+    atol: float = 1.0e-3  # allowed max |logit difference| when verifying (fp32 rounding is ~1e-4 on SmolLM2)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from trainer.data.jsonl import DataFileError, load_examples
 from trainer.distributed import ProcessGroup, destroy, full_parameters, init_process_group, sum_across, wrap
-from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batches_for_epoch, tokenize_examples
+from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batch_tokens, batches_for_epoch, tokenize_examples
 from trainer.hyperparams import resolve_hyperparameters
 from trainer.model import add_lora, load_base_model, load_tokenizer, resolve_runtime
 from trainer.paths import resolve_data_path
@@ -49,16 +49,17 @@ def _raise_cancelled(signum, frame):
 
 
 def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token loss, number of supervised tokens and number predicted right."""
-    shifted_logits = logits[:, :-1, :].float()
+    """Summed next-token loss, number of supervised tokens and number predicted right.
+
+    Only supervised positions are gathered (and upcast to fp32), never the full logits.
+    """
     shifted_labels = labels[:, 1:]
     mask = shifted_labels != IGNORE_INDEX
-    loss_sum = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    correct = ((shifted_logits.argmax(-1) == shifted_labels) & mask).sum().item()
-    return loss_sum, int(mask.sum().item()), int(correct)
+    picked = logits[:, :-1][mask].float()
+    targets = shifted_labels[mask]
+    loss_sum = F.cross_entropy(picked, targets, reduction="sum")
+    correct = (picked.argmax(-1) == targets).sum().item()
+    return loss_sum, int(targets.numel()), int(correct)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -181,7 +182,7 @@ class FineTuningJob:
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
         lr = self.hyperparameters["learning_rate"]
         if self.runtime.quantization == "nf4" and self.runtime.device == "cuda":
             import bitsandbytes as bnb
@@ -267,11 +268,10 @@ class FineTuningJob:
             (loss_sum * loss_scale).backward()
             loss_total += loss_sum.item()
             correct_total += correct
-            tokens += int(part["attention_mask"].sum()) if "attention_mask" in part else part["input_ids"].numel()
+            tokens += batch_tokens(part)
         loss_total, correct_total, tokens = sum_across(self.group, [loss_total, correct_total, tokens],
                                                        self.runtime.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                   self.cfg.train.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.cfg.train.max_grad_norm)
         if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite(loss_total, float(grad_norm))
