@@ -24,7 +24,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def ftlab(*args, cwd, cache_dir, **kwargs):
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    # One thread each: two training processes side by side on 2 cores must not oversubscribe them.
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([FTLAB, *args, f"cache_dir={cache_dir}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
