@@ -105,7 +105,10 @@ def test_jobs_cancel_stops_a_running_job_cleanly(tmp_path, cache_dir, long_job):
     deadline = time.time() + 120
     while not (run_dir / "results.csv").exists() and time.time() < deadline:
         time.sleep(0.05)
-    assert cancel_job(run_dir) == process.pid
+    job_id = json.loads((run_dir / "job.json").read_text())["id"]
+    cancel = subprocess.run([FTLAB, "jobs", "cancel", job_id, f"root={tmp_path}"], capture_output=True, text=True,
+                            timeout=60)
+    assert cancel.returncode == 0 and f"pid {process.pid}" in cancel.stdout, cancel.stdout + cancel.stderr
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 130, output
     job = json.loads((run_dir / "job.json").read_text())

@@ -4,6 +4,7 @@
     ftlab jobs show ftjob-…|ft:…|<run dir> [--json]
     ftlab jobs events <job> [limit=20] [after=ftevent-…] [--json]
     ftlab jobs checkpoints <job> [--json]
+    ftlab jobs cancel <job>                                  # stop a running job cleanly
 
 A job reference is a job id (`ftjob-…`), a fine-tuned model name (`ft:<model>:<org>:<suffix>:<id>`,
 or a checkpoint's `…:ckpt-step-N`), a run directory, or `latest` (the newest succeeded job).
@@ -230,6 +231,7 @@ USAGE = """usage: ftlab jobs list [limit=N] [after=ftjob-…] [root=DIR] [--json
        ftlab jobs show <job> [--json]
        ftlab jobs events <job> [limit=N] [after=ftevent-…] [--json]
        ftlab jobs checkpoints <job> [--json]
+       ftlab jobs cancel <job>
 <job> is a job id (ftjob-…), an ft: model name, a run dir or `latest`; jobs are looked up
 under root=DIR, else $FTLAB_OUTPUTS, else ./outputs."""
 
@@ -318,8 +320,21 @@ def _print_checkpoints(checkpoints: list[dict]) -> None:
     print(_table(["CHECKPOINT", "STEP", "METRICS", "PATH"], rows) if rows else "no checkpoints kept")
 
 
+def _cancel(job: JobRef) -> dict:
+    """Signal the process training `job` to stop; it checkpoints and records `cancelled` itself."""
+    from trainer.run import cancel_job
+
+    pid = cancel_job(job.run_dir)
+    if pid is None:
+        return {"id": job.id, "status": job.record.get("status"), "cancelled": False,
+                "message": f"{job.id} is not running here (status {job.record.get('status')}); nothing to cancel"}
+    return {"id": job.id, "status": "cancelling", "cancelled": True, "pid": pid,
+            "message": f"cancelling {job.id} (pid {pid}): it writes a checkpoint and marks the job cancelled; "
+                       f"resume with: ftlab train resume={job.id}"}
+
+
 def jobs_main(args: list[str]) -> int:
-    """`ftlab jobs <list|show|events|checkpoints> ...`; returns the exit code."""
+    """`ftlab jobs <list|show|events|checkpoints|cancel> ...`; returns the exit code."""
     try:
         positional, options = _parse(args)
         action = positional.pop(0) if positional else "list"
@@ -339,6 +354,11 @@ def jobs_main(args: list[str]) -> int:
                 checkpoints = list_checkpoints(job)
                 result = {"object": "list", "data": checkpoints, "has_more": False}
                 show = lambda _: _print_checkpoints(checkpoints)  # noqa: E731
+        elif action == "cancel":
+            if len(positional) != 1:
+                raise ValueError("ftlab jobs cancel takes one job (an id, ft: name, run dir or latest)")
+            job = resolve_job(positional[0], root)
+            result, show = _cancel(job), lambda outcome: print(outcome["message"])
         elif action in ("help", "-h", "--help"):
             print(USAGE)
             return 0
