@@ -5,7 +5,8 @@ import tracemalloc
 import pytest
 
 from trainer.data import jsonl
-from trainer.data.jsonl import DataFileError, atomic_writer, iter_jsonl, load_examples, write_json
+from trainer.data.jsonl import DataFileError, iter_jsonl, load_examples
+from trainer.files import atomic_writer, write_json
 
 
 def write(tmp_path, data: bytes, name="train.jsonl"):

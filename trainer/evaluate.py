@@ -32,7 +32,7 @@ from trainer.data.jsonl import DataFileError, load_examples
 from trainer.data.tokenize import batches_for_epoch, tokenize_examples
 from trainer.jobs import JobNotFound
 from trainer.paths import resolve_data_path
-from trainer.run import write_json
+from trainer.files import write_json
 from trainer.schema import DataFormat
 
 BASE, FINE_TUNED = "base", "fine_tuned"

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.data.jsonl import atomic_writer, iter_jsonl, write_json
+from trainer.data.jsonl import iter_jsonl
+from trainer.files import atomic_writer, write_json
 
 ACTIONS = ("off", "warn", "drop", "fail")
 BATCH_SIZE = 64

@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from trainer import cost
-from trainer.data.jsonl import DataFileError, iter_jsonl, write_json
+from trainer.data.jsonl import DataFileError, iter_jsonl
+from trainer.files import write_json
 from trainer.data.validate import MAX_LISTED_PER_CODE, Issue, ValidationReport, validate_files
 from trainer.moderation import NoScreen, Screen, flagged_issues, screen_files
 from trainer.paths import resolve_data_path

@@ -11,30 +11,15 @@ import os
 import platform
 import secrets
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
+from trainer.files import write_atomic, write_json
+
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data) -> None:
-    """Atomically write `data` as indented JSON."""
-    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def sha256_of(path: Path) -> str:

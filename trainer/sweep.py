@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.run import write_atomic
+from trainer.files import write_atomic
 
 SUMMARY_COLUMNS = ["job_num", "job_id", "overrides", "status", "final_train_loss", "final_valid_loss",
                    "trained_tokens", "training_cost_usd", "wall_seconds", "error", "run_dir"]

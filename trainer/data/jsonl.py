@@ -7,10 +7,8 @@ error strings so a validator can report every bad line; problems with the file a
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -161,27 +159,3 @@ def load_examples(path: Union[str, Path]) -> list[tuple[int, Any]]:
             raise DataFileError(path, line_number, code, message)
         examples.append((line_number, obj))
     return examples
-
-
-@contextlib.contextmanager
-def atomic_writer(path: Union[str, Path], mode: str = "w"):
-    """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Union[str, Path], obj: Any) -> Path:
-    """Write `obj` as indented JSON, atomically."""
-    with atomic_writer(path) as handle:
-        json.dump(obj, handle, indent=2, ensure_ascii=False, default=str)
-        handle.write("\n")
-    return Path(path)
