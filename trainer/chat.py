@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from trainer.data.tokenize import _extend, _render  # the renderer training uses
+from trainer.data.tokenize import render_messages, tokens_extending  # the renderer training uses
 from trainer.jobs import JobNotFound, JobRef, load_job_config, require_adapter, resolve_job
 from trainer.schema import DataFormat
 
@@ -81,8 +81,8 @@ def end_of_turn_ids(tokenizer, chat: bool) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if chat:
         probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        full = _render(tokenizer, probe)
-        head = _render(tokenizer, probe[:1], add_generation_prompt=True)
+        full = render_messages(tokenizer, probe)
+        head = render_messages(tokenizer, probe[:1], add_generation_prompt=True)
         after = full[len(head):].split("y", 1)[-1] if full.startswith(head) else ""
         after_ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
         if after_ids and tokenizer.convert_ids_to_tokens(after_ids[0]) in tokenizer.get_added_vocab():
@@ -114,11 +114,11 @@ def encode_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation up to the assistant's turn, built as training builds them."""
     ids, rendered = [], ""
     for index in range(len(messages)):
-        text = _render(tokenizer, messages[: index + 1])
-        ids += _extend(tokenizer, rendered, text)
+        text = render_messages(tokenizer, messages[: index + 1])
+        ids += tokens_extending(tokenizer, rendered, text)
         rendered = text
-    header = _render(tokenizer, messages, add_generation_prompt=True)
-    return ids + _extend(tokenizer, rendered, header)
+    header = render_messages(tokenizer, messages, add_generation_prompt=True)
+    return ids + tokens_extending(tokenizer, rendered, header)
 
 
 def encode_completion_prompt(tokenizer, prompt: str) -> list[int]:

@@ -49,14 +49,16 @@ class TokenizedDataset:
         return sum(e.n_supervised for e in self.examples)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as the backbone's chat template renders it ("" for no messages)."""
     if not messages:
         return ""
     plain = [{"role": m["role"], "content": m.get("content") or ""} | ({"name": m["name"]} if "name" in m else {}) for m in messages]
     return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _extend(tokenizer, previous: str, current: str) -> list[int]:
+def tokens_extending(tokenizer, previous: str, current: str) -> list[int]:
+    """Token ids of what `current` adds to `previous` (it must start with `previous`)."""
     if not current.startswith(previous):
         raise TemplateError(
             "the backbone's chat template does not render each conversation as a prefix of the next, "
@@ -73,13 +75,13 @@ def encode_chat(example: dict, tokenizer) -> tuple[list[int], list[int]]:
     rendered = ""
     for index, message in enumerate(messages):
         if message["role"] == "assistant":
-            header = _render(tokenizer, messages[:index], add_generation_prompt=True)
-            ids = _extend(tokenizer, rendered, header)
+            header = render_messages(tokenizer, messages[:index], add_generation_prompt=True)
+            ids = tokens_extending(tokenizer, rendered, header)
             input_ids += ids
             labels += [IGNORE_INDEX] * len(ids)
             rendered = header
-        text = _render(tokenizer, messages[: index + 1])
-        ids = _extend(tokenizer, rendered, text)
+        text = render_messages(tokenizer, messages[: index + 1])
+        ids = tokens_extending(tokenizer, rendered, text)
         trained = message["role"] == "assistant" and message.get("weight", 1) != 0
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
