@@ -113,7 +113,7 @@ def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
         for batch in batches_for_epoch(dataset, 8, 0, 0, tokenizer.pad_token_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss_sum, n, _ = token_loss_and_accuracy(logits.float(), batch["labels"])
+            loss_sum, n, _ = token_loss_and_accuracy(logits[:, :-1].float(), batch["labels"][:, 1:])
             loss_total, supervised = loss_total + loss_sum.item(), supervised + n
     return loss_total / max(supervised, 1)
 

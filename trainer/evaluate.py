@@ -121,13 +121,12 @@ def billed_prompt_tokens(prompt, chat: bool, encoding) -> int:
 @torch.no_grad()
 def loss_and_accuracy(model, dataset, pad_token_id: int, batch_size: int, device) -> dict:
     """Validation loss and mean token accuracy exactly as training reports them."""
-    from trainer.train import token_loss_and_accuracy
+    from trainer.train import supervised_forward
 
     loss_total, supervised, correct = 0.0, 0, 0
     for batch in batches_for_epoch(dataset, batch_size, 0, 0, pad_token_id):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, n, c = token_loss_and_accuracy(logits, batch["labels"])
+        loss_sum, n, c = supervised_forward(model, batch)
         loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
     return {"valid_loss": loss_total / max(supervised, 1), "valid_mean_token_accuracy": correct / max(supervised, 1)}
 

@@ -48,18 +48,30 @@ def _raise_cancelled(signum, frame):
     raise JobCancelled(f"received signal {signal.Signals(signum).name}")
 
 
-def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token loss, number of supervised tokens and number predicted right.
+def token_loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Summed loss, number of supervised targets and number predicted right.
 
-    Only supervised positions are gathered (and upcast to fp32), never the full logits.
+    `targets` is aligned with `logits` (already shifted); -100 marks positions not trained.
+    Only supervised positions are gathered (and upcast to fp32).
     """
-    shifted_labels = labels[:, 1:]
-    mask = shifted_labels != IGNORE_INDEX
-    picked = logits[:, :-1][mask].float()
-    targets = shifted_labels[mask]
-    loss_sum = F.cross_entropy(picked, targets, reduction="sum")
-    correct = (picked.argmax(-1) == targets).sum().item()
-    return loss_sum, int(targets.numel()), int(correct)
+    mask = targets != IGNORE_INDEX
+    picked = logits[mask].float()
+    chosen = targets[mask]
+    loss_sum = F.cross_entropy(picked, chosen, reduction="sum")
+    correct = (picked.argmax(-1) == chosen).sum().item()
+    return loss_sum, int(chosen.numel()), int(correct)
+
+
+def supervised_forward(model, batch: dict) -> tuple[torch.Tensor, int, int]:
+    """Forward the batch with the LM head applied only where the next token is supervised.
+
+    The vocabulary projection is a fifth of a small model's compute; skipping it on prompt
+    tokens (and never materialising their logits) is the cheapest speed-up there is.
+    """
+    labels = batch["labels"]
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    logits = model(**model_inputs(batch), logits_to_keep=positions).logits
+    return token_loss_and_accuracy(logits, labels[:, positions + 1])
 
 
 def model_inputs(batch: dict) -> dict:
@@ -263,8 +275,7 @@ class FineTuningJob:
             part = {k: v[start : start + micro].to(self.runtime.device) for k, v in batch.items()}
             with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
                                 enabled=self.runtime.dtype != torch.float32):
-                logits = self.train_model(**model_inputs(part)).logits
-            loss_sum, _, correct = token_loss_and_accuracy(logits, part["labels"])
+                loss_sum, _, correct = supervised_forward(self.train_model, part)
             (loss_sum * loss_scale).backward()
             loss_total += loss_sum.item()
             correct_total += correct
@@ -307,8 +318,7 @@ class FineTuningJob:
             batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
             with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
                                 enabled=self.runtime.dtype != torch.float32):
-                logits = self.train_model(**model_inputs(batch)).logits
-            loss_sum, n, c = token_loss_and_accuracy(logits, batch["labels"])
+                loss_sum, n, c = supervised_forward(self.train_model, batch)
             loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
         loss_total, supervised, correct = sum_across(self.group, [loss_total, supervised, correct], self.runtime.device)
         self.train_model.train()
