@@ -263,7 +263,7 @@ def print_report(report: dict, console: Console) -> None:
 
 def plot_report(report: dict, path: Path) -> Path:
     """eval.png: base vs fine-tuned bars for every rate (and the validation loss on its own axis)."""
-    from trainer.plots import plt
+    from trainer.plots import plt, save_figure
 
     base, tuned = report["models"][BASE], report["models"][FINE_TUNED]
     keys = [k for k in QUALITY_KEYS[1:] if k in base and k != "mean_words"]
@@ -277,12 +277,7 @@ def plot_report(report: dict, path: Path) -> Path:
     rates.set_title(f"{report['fine_tuned_model']} (task: {report['task']})", fontsize=9)
     loss.bar(["base", "fine-tuned"], [base["valid_loss"], tuned["valid_loss"]], color=["#9e9e9e", "#1f77b4"])
     loss.set_title("validation loss", fontsize=9)
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    tmp.replace(path)
-    return path
+    return save_figure(figure, path)
 
 
 def evaluate_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
