@@ -3,7 +3,6 @@
 Without `disable_cpu_weight_repacking`, a no-grad forward (an eval pass) repacks Linear4bit
 weights and every later backward silently gives zero or wrong LoRA gradients.
 """
-import pytest
 import torch
 
 from trainer.model import Runtime, add_lora, load_base_model

@@ -1,6 +1,5 @@
 """Loss masks, truncation, padding and length-grouped batches."""
 import pytest
-import torch
 
 from trainer.backbones import tiny_llama
 from trainer.data.tokenize import (IGNORE_INDEX, LengthGroupedSampler, collate, encode_chat,

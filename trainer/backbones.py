@@ -10,7 +10,6 @@ folder that ``transformers.from_pretrained`` can load offline (weights, config, 
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,8 +28,13 @@ class BackboneNotFound(RuntimeError):
     code = "backbone_not_found"
 
 
-def _publish(staging: Path, target: Path) -> Path:
-    """Move a fully written folder into place in one rename, so a killed conversion leaves nothing half-done."""
+def _save_to_cache(model, tokenizer, target: Path) -> Path:
+    """Save model and tokenizer to a staging folder, then move it into place in one rename,
+    so a killed conversion leaves nothing half-done."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
     except OSError:  # another process finished first
@@ -60,11 +64,7 @@ def embedded_gguf(package: str, filename: str, cache_dir: str) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    return _publish(staging, target)
+    return _save_to_cache(model, tokenizer, target)
 
 
 def pretrained(path: str, cache_dir: str, revision: str | None = None) -> Path:
@@ -144,8 +144,4 @@ def tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
     )
     model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    return _publish(staging, target)
+    return _save_to_cache(model, tokenizer, target)

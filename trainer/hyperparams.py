@@ -1,8 +1,6 @@
 """Resolve the hosted API's `auto` hyperparameters to the values a job actually uses."""
 import math
 
-from trainer.cost import resolve_n_epochs
-
 MAX_AUTO_BATCH_SIZE = 256
 MIN_AUTO_BATCH_SIZE = 4
 
@@ -31,11 +29,11 @@ def resolve_learning_rate_multiplier(requested) -> float:
     return _positive(requested, "train.learning_rate_multiplier", float)
 
 
-def resolve_hyperparameters(train_cfg, n_examples: int) -> dict:
-    """The job's resolved hyperparameters, as recorded in job.json."""
+def resolve_hyperparameters(train_cfg, n_examples: int, n_epochs: int) -> dict:
+    """The job's resolved hyperparameters, as recorded in job.json (`n_epochs` as the estimate resolved it)."""
     multiplier = resolve_learning_rate_multiplier(train_cfg.learning_rate_multiplier)
     return {
-        "n_epochs": resolve_n_epochs(train_cfg.n_epochs, n_examples),
+        "n_epochs": n_epochs,
         "batch_size": resolve_batch_size(train_cfg.batch_size, n_examples),
         "learning_rate_multiplier": multiplier,
         "learning_rate": train_cfg.base_learning_rate * multiplier,

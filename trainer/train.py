@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trainer.data.jsonl import DataFileError, load_examples
+from trainer.data.jsonl import DataFileError, check_file, load_examples
 from trainer.distributed import ProcessGroup, destroy, full_parameters, init_process_group, sum_across, wrap
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batch_tokens, batches_for_epoch, tokenize_examples
 from trainer.hyperparams import resolve_hyperparameters
@@ -105,9 +105,11 @@ class FineTuningJob:
         train_path = resolve_data_path(cfg.data.train_file)
         valid_path = resolve_data_path(cfg.data.validation_file) if cfg.data.validation_file else None
         for path in [train_path, valid_path]:
-            if path is not None and not path.is_file():
-                raise JobFailed("file_not_found", f"{path}: data file not found — check data.train_file / "
-                                "data.validation_file")
+            if path is not None:
+                try:
+                    check_file(path)
+                except DataFileError as error:
+                    raise JobFailed(error.code, str(error)) from None
         if self.resume:
             self.job = Job.load(self.run_dir)
             self.events.add(f"Resuming fine-tuning job: {self.job.id}")
@@ -155,10 +157,10 @@ class FineTuningJob:
         self.train_data = self._tokenize(self.train_path, chat, max_length)
         self.valid_data = self._tokenize(self.valid_path, chat, max_length) if self.valid_path else None
         try:
-            self.hyperparameters = resolve_hyperparameters(cfg.train, len(self.train_data.examples))
+            self.hyperparameters = resolve_hyperparameters(cfg.train, len(self.train_data.examples),
+                                                           n_epochs=self.estimate["n_epochs"])
         except ValueError as error:
             raise JobFailed("invalid_hyperparameter", str(error)) from None
-        self.hyperparameters["n_epochs"] = self.estimate.get("n_epochs", self.hyperparameters["n_epochs"])
         hp = self.hyperparameters
         self.steps_per_epoch = math.ceil(len(self.train_data.examples) / hp["batch_size"])
         self.total_steps = self.steps_per_epoch * hp["n_epochs"]
