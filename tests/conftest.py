@@ -34,7 +34,7 @@ def make_cfg(cache_dir):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return compose(
                 config_name="config",
-                overrides=["backbone=tiny-llama", "logger=none", "train.device=cpu", f"cache_dir={cache_dir}",
+                overrides=["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32", f"cache_dir={cache_dir}",
                            *overrides],
             )
 

@@ -24,7 +24,7 @@ def compose_cfg(cache_dir: str, *overrides: str):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=["backbone=tiny-llama", "logger=none", "train.device=cpu",
+        return compose(config_name="config", overrides=["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32",
                                                          f"cache_dir={cache_dir}", *overrides])
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 FTLAB = str(Path(sys.executable).with_name("ftlab"))
-TINY = ["backbone=tiny-llama", "logger=none", "train.device=cpu"]
+TINY = ["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32"]
 
 
 def ftlab(*args, cwd: Path, cache: str, timeout: int = 240) -> subprocess.CompletedProcess:

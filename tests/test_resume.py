@@ -33,7 +33,7 @@ def ftlab(*args, cwd, cache_dir, **kwargs):
 @pytest.fixture
 def long_job(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [chat_example(f"Spell {i} in words", f"number {i}") for i in range(24)])
-    return ["backbone=tiny-llama", "logger=none", "train.device=cpu", "data=custom", f"data.train_file={train}",
+    return ["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32", "data=custom", f"data.train_file={train}",
             "train.n_epochs=4", "train.batch_size=2", "train.checkpoint_every=3", "train.keep_checkpoints=2",
             "moderation=off"]
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 FTLAB = str(Path(sys.executable).with_name("ftlab"))
-TINY = ["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.max_steps=2", "moderation=off"]
+TINY = ["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32", "train.max_steps=2", "moderation=off"]
 
 
 def run(*args, cwd, cache_dir):

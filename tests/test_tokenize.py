@@ -1,9 +1,20 @@
-"""Loss masks, truncation, padding and length-grouped batches."""
+"""Loss masks, truncation, padding, length-grouped batches and the tokenization cache."""
+import copy
+import json
+
 import pytest
 
+from tests.conftest import chat_example, write_jsonl
 from trainer.backbones import tiny_llama
-from trainer.data.tokenize import (IGNORE_INDEX, LengthGroupedSampler, collate, encode_chat,
-                                   encode_prompt_completion, tokenize_examples)
+from trainer.data.cache import tokenize_file
+from trainer.data.tokenize import (
+    IGNORE_INDEX,
+    LengthGroupedSampler,
+    collate,
+    encode_chat,
+    encode_prompt_completion,
+    tokenize_examples,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +86,47 @@ def test_length_grouped_sampler_is_a_deterministic_permutation_of_similar_length
     random_order = [list(range(200))[i:i + 8] for i in range(0, 200, 8)]
     padded_random = sum(len(b) * max(lengths[i] for i in b) for b in random_order)
     assert padded < 0.75 * padded_random
+
+
+def tokenize_twice(path, tokenizer, cache, max_length=64):
+    first, first_cached = tokenize_file(path, tokenizer, True, max_length, cache)
+    second, second_cached = tokenize_file(path, tokenizer, True, max_length, cache)
+    return first, first_cached, second, second_cached
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    long_question = "word " * 40  # truncated at 64 tokens, leaving no assistant token: dropped
+    return write_jsonl(tmp_path / "train.jsonl", [chat_example("Capital of France?", "Paris"),
+                                                  chat_example("And of Spain?", "Madrid, of course " * 3),
+                                                  chat_example(long_question, "ok")])
+
+
+def test_a_file_is_tokenized_once_and_read_back_identical(tokenizer, chat_file, tmp_path):
+    first, first_cached, second, second_cached = tokenize_twice(chat_file, tokenizer, tmp_path / "cache")
+    assert (first_cached, second_cached) == (False, True)
+    assert second == first and first.n_truncated == 2 and first.dropped_lines == [3]
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.pt"))) == 1
+
+
+def test_the_cache_misses_when_the_file_tokenizer_or_length_changes(tokenizer, chat_file, tmp_path):
+    cache = tmp_path / "cache"
+    tokenize_file(chat_file, tokenizer, True, 64, cache)
+    assert tokenize_file(chat_file, tokenizer, True, 65, cache)[1] is False
+    with open(chat_file, "a") as handle:
+        handle.write(json.dumps(chat_example("One more?", "Yes")) + "\n")
+    changed, cached = tokenize_file(chat_file, tokenizer, True, 64, cache)
+    assert cached is False and len(changed.examples) == 3
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert tokenize_file(chat_file, templated, True, 64, cache)[1] is False
+
+
+def test_a_broken_cache_entry_is_rebuilt_and_no_cache_writes_nothing(tokenizer, chat_file, tmp_path):
+    cache = tmp_path / "cache"
+    expected, _ = tokenize_file(chat_file, tokenizer, True, 64, cache)
+    (entry,) = (cache / "tokenized").glob("*.pt")
+    entry.write_bytes(entry.read_bytes()[:50])
+    assert tokenize_file(chat_file, tokenizer, True, 64, cache) == (expected, False)
+    assert tokenize_file(chat_file, tokenizer, True, 64, cache) == (expected, True)
+    assert tokenize_file(chat_file, tokenizer, True, 64, None) == (expected, False)

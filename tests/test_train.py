@@ -66,11 +66,36 @@ def test_training_moves_every_adapter_weight_and_no_base_weight(make_cfg, chat_f
 
 def test_same_seed_same_losses_other_seed_other_losses(make_cfg, chat_files, tmp_path):
     losses = []
-    for name, seed in [("a", 7), ("b", 7), ("c", 8)]:
-        assert run_training(train_cfg(make_cfg, chat_files, f"train.seed={seed}"), tmp_path / name) == 0
+    for name, seed, cache in [("a", 7, "false"), ("b", 7, "true"), ("c", 8, "true")]:
+        cfg = train_cfg(make_cfg, chat_files, f"train.seed={seed}", f"data.cache_tokenized={cache}")
+        assert run_training(cfg, tmp_path / name) == 0
         losses.append([float(r["train_loss"]) for r in read_results(tmp_path / name)])
-    assert losses[0] == losses[1]
+    assert losses[0] == losses[1]  # also: data read back from the tokenization cache trains the same
     assert losses[0] != losses[2]
+    events = (tmp_path / "c" / "events.jsonl").read_text()
+    assert "train.jsonl: read from the tokenization cache" in events  # b tokenized it; c did not need to
+
+
+@pytest.mark.parametrize("native_bf16,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it(make_cfg, monkeypatch, native_bf16, expected):
+    import trainer.model
+
+    monkeypatch.setattr(trainer.model, "cpu_has_native_bf16", lambda: native_bf16)
+    assert trainer.model.resolve_runtime(make_cfg("train.precision=auto").train).dtype == expected
+    assert trainer.model.resolve_runtime(make_cfg("train.precision=fp32").train).dtype == torch.float32
+
+
+def test_bf16_run_keeps_fp32_adapter_and_optimizer_and_learns(make_cfg, chat_files, tmp_path):
+    cfg = train_cfg(make_cfg, chat_files, "train.precision=bf16", "train.n_epochs=3", "train.eval_every=100")
+    job = FineTuningJob(cfg, tmp_path / "run")
+    job.setup()
+    base = [p for n, p in job.model.named_parameters() if "lora_" not in n and p.dim() == 2]
+    adapter = [p for n, p in job.model.named_parameters() if "lora_" in n]
+    assert {p.dtype for p in base} == {torch.bfloat16} and {p.dtype for p in adapter} == {torch.float32}
+    job.train()
+    assert all(state["exp_avg"].dtype == torch.float32 for state in job.optimizer.state.values())
+    losses = [row["train_loss"] for row in job.results.rows]
+    assert sum(losses[-3:]) < sum(losses[:3])
 
 
 def test_prompt_completion_job(make_cfg, tmp_path):

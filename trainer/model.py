@@ -22,6 +22,12 @@ class Runtime:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 beats fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def resolve_runtime(train_cfg: DictConfig) -> Runtime:
     """Resolve `device`, `precision` and `quantization` (each may be `auto`) for this machine."""
     has_cuda = torch.cuda.is_available()
@@ -30,7 +36,10 @@ def resolve_runtime(train_cfg: DictConfig) -> Runtime:
     device = "cuda" if train_cfg.device == Device.cuda or (train_cfg.device == Device.auto and has_cuda) else "cpu"
     precision = train_cfg.precision
     if precision == Precision.auto:
-        precision = Precision.bf16 if device == "cuda" and torch.cuda.is_bf16_supported() else Precision.fp32
+        # The backbone is frozen, so holding it in bf16 loses nothing autocast would keep; the
+        # LoRA weights and optimizer state stay fp32 (PEFT upcasts adapters).
+        native_bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16()
+        precision = Precision.bf16 if native_bf16 else Precision.fp32
     dtype = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[precision]
     quantization = train_cfg.quantization
     if quantization == Quantization.auto:

@@ -72,6 +72,7 @@ class DataConfig:
     train_file: str = MISSING  # JSONL path; sample://<name> points into ftlab's bundled samples
     validation_file: Optional[str] = None
     task: Optional[str] = None  # which task metrics eval reports: json | terse | tone | null
+    cache_tokenized: bool = True  # tokenize each file once (per tokenizer and max_length), kept in cache_dir/tokenized
 
 
 @dataclass

@@ -17,17 +17,43 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
-from trainer.data.jsonl import DataFileError, check_file, load_examples
-from trainer.distributed import ProcessGroup, destroy, full_parameters, init_process_group, sum_across, wrap
-from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batch_tokens, batches_for_epoch, tokenize_examples
+from trainer.data.cache import tokenize_file
+from trainer.data.jsonl import DataFileError, check_file
+from trainer.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizedDataset,
+    batch_tokens,
+    batches_for_epoch,
+)
+from trainer.distributed import (
+    ProcessGroup,
+    destroy,
+    full_parameters,
+    init_process_group,
+    sum_across,
+    wrap,
+)
 from trainer.hyperparams import resolve_hyperparameters
 from trainer.model import add_lora, load_base_model, load_tokenizer, resolve_runtime
-from trainer.paths import resolve_data_path
+from trainer.paths import cache_dir, resolve_data_path
 from trainer.plots import plot_losses
-from trainer.run import (EventLog, Job, ResultsTable, RunLock, describe_environment, fine_tuned_model_name,
-                         write_json)
+from trainer.run import (
+    EventLog,
+    Job,
+    ResultsTable,
+    RunLock,
+    describe_environment,
+    fine_tuned_model_name,
+    write_json,
+)
 from trainer.schema import DataFormat
 
 
@@ -177,11 +203,14 @@ class FineTuningJob:
         )
 
     def _tokenize(self, path: Path, chat: bool, max_length: int) -> TokenizedDataset:
+        cache = cache_dir(self.cfg.cache_dir) if self.cfg.data.cache_tokenized else None
         try:
-            examples = load_examples(path)
+            dataset, cached = tokenize_file(path, self.tokenizer, chat, max_length, cache)
         except DataFileError as error:
             raise JobFailed(error.code, str(error)) from None
-        return tokenize_examples(examples, self.tokenizer, chat=chat, max_length=max_length)
+        if cached:
+            self.events.add(f"Tokenized {path.name}: read from the tokenization cache", data={"cached": True})
+        return dataset
 
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
