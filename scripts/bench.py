@@ -10,6 +10,7 @@ Each (runner, repeat) is its own subprocess, so peak RSS is per run; runners alt
 
   ftlab          ftlab's own loop (`FineTuningJob.train`) with train.packing=true
   ftlab-padded   the same with train.packing=false (dynamic padding, length-grouped)
+  ftlab-compiled the same as ftlab with train.compile=true (compile time included in the timing)
   trl-defaults   SFTTrainer as a user starts it: SFTConfig defaults (gradient checkpointing, bf16 autocast,
                  dynamic padding, random order, loss on every token of the conversation)
   trl-best       SFTTrainer tuned: padding_free=True, no gradient checkpointing, assistant-only loss
@@ -49,14 +50,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RUNNERS = ["ftlab", "ftlab-padded", "trl-defaults", "trl-best", "trl-packing"]
+RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "trl-defaults", "trl-best", "trl-packing"]
 DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
                    "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peak per GPU
 
 
 # ---- shared by every runner ------------------------------------------------------------------
-def compose(args, packing: bool | None = None):
+def compose(args, extra: tuple[str, ...] = ()):
     """ftlab's composed config for these bench settings (the same one every runner reads its settings from)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -72,10 +73,8 @@ def compose(args, packing: bool | None = None):
                  f"train.device={args.device}", f"train.quantization={args.quantization}",
                  f"train.precision={args.precision}", "train.checkpoint_every=0",
                  f"cache_dir={os.path.expanduser(args.cache_dir)}"]
-    if packing is not None:
-        overrides.append(f"train.packing={str(packing).lower()}")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides + list(args.override))
+        return hydra_compose(config_name="config", overrides=overrides + list(args.override) + list(extra))
 
 
 def reference_data(cfg, tokenizer, split: str):
@@ -174,27 +173,23 @@ def peak_memory(device: str) -> dict:
 
 
 # ---- runners (each in its own process) -------------------------------------------------------
-def run_ftlab(args, packing: bool) -> dict:
+FTLAB_RUNNER_OVERRIDES = {"ftlab": ("train.packing=true",), "ftlab-padded": ("train.packing=false",),
+                          "ftlab-compiled": ("train.packing=true", "train.compile=true")}
+
+
+def run_ftlab(args, runner: str) -> dict:
     from rich.console import Console
 
-    import trainer.train as ftlab_train
     from trainer.model import load_tokenizer
+    from trainer.train import FineTuningJob
 
-    cfg = compose(args, packing=packing)
-    counter_holder = {}
-    original_batches = ftlab_train.batches_for_epoch
-
-    def batches(*a, **kw):  # passes train.packing until train.py forwards it itself
-        kw.setdefault("packing", cfg.train.packing)
-        return original_batches(*a, **kw)
-
-    ftlab_train.batches_for_epoch = batches
+    cfg = compose(args, FTLAB_RUNNER_OVERRIDES[runner])
     with tempfile.TemporaryDirectory(prefix="ftlab-bench-") as run_dir:
-        job = ftlab_train.FineTuningJob(cfg, Path(run_dir), Console(file=open(os.devnull, "w")))
+        job = FineTuningJob(cfg, Path(run_dir), Console(file=open(os.devnull, "w")))
         job.setup()
         tokenizer = load_tokenizer(cfg)
         _, train_ref = reference_data(cfg, tokenizer, "train")
-        counter = counter_holder["c"] = TokenCounter(supervised_lookup(train_ref))
+        counter = TokenCounter(supervised_lookup(train_ref))
         step = job._optimizer_step
 
         def counted_step(batch):
@@ -209,7 +204,8 @@ def run_ftlab(args, packing: bool) -> dict:
         return {"seconds": seconds, "steps": job.step, "final_train_loss": job.results.rows[-1]["train_loss"],
                 **counter.record(), **memory,
                 "heldout_loss": heldout_loss(job.model, tokenizer, cfg, job.runtime.device),
-                "settings": {"packing": packing, "precision": job.runtime.precision_name,
+                "settings": {"packing": bool(cfg.train.packing), "compile": bool(cfg.train.compile),
+                             "precision": job.runtime.precision_name,
                              "quantization": job.runtime.quantization,
                              "gradient_checkpointing": bool(cfg.train.gradient_checkpointing)}}
 
@@ -292,7 +288,7 @@ def child(args) -> None:
 
     torch.manual_seed(args.seed)
     if args.child.startswith("ftlab"):
-        result = run_ftlab(args, packing=args.child == "ftlab")
+        result = run_ftlab(args, args.child)
     else:
         result = run_trl(args, args.child)
     Path(args.result).write_text(json.dumps(result))

@@ -48,9 +48,9 @@ def test_ftlab_runner_trains_and_reports(bench, cache_dir):
     args = argparse.Namespace(backbone="tiny-llama", data="json_output", train="default", batch_size=2, steps=2,
                               max_length=128, seed=0, device="cpu", quantization="none", precision="fp32",
                               cache_dir=cache_dir, override=[])
-    result = bench.run_ftlab(args, packing=True)
+    result = bench.run_ftlab(args, "ftlab")
     assert result["steps"] == 2 and result["examples"] == 4 and result["unmatched_examples"] == 0
-    assert result["positions"] == result["tokens"]  # packed: no padding
+    assert result["positions"] == result["tokens"] and result["settings"]["packing"]  # packed: no padding
     assert 0 < result["supervised_tokens"] == result["loss_tokens"] < result["tokens"]
     assert result["heldout_loss"] > 0 and result["peak_rss_mib"] > 0
     summary = bench.summarise("ftlab", [result], 0.0, "cpu")

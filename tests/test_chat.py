@@ -10,7 +10,13 @@ from omegaconf import OmegaConf
 
 from tests.conftest import chat_example, write_jsonl
 from trainer.chat import (
-    chat_main, complete_main, encode_chat_prompt, end_of_turn_ids, load_model, open_job, stream_reply,
+    chat_main,
+    complete_main,
+    encode_chat_prompt,
+    end_of_turn_ids,
+    load_model,
+    open_job,
+    stream_reply,
     training_prompt_suffix,
 )
 from trainer.cli import CONFIG_DIR

@@ -5,7 +5,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from trainer import cost
-from trainer.cost import count_example_tokens, estimate_from_token_counts, estimate_job, get_encoding, resolve_n_epochs
+from trainer.cost import (
+    count_example_tokens,
+    estimate_from_token_counts,
+    estimate_job,
+    get_encoding,
+    resolve_n_epochs,
+)
 from trainer.schema import DataFormat, FtlabConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

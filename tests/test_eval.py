@@ -11,7 +11,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.test_chat import tiny_chat_job, use_cfg  # noqa: F401 - the fixture
-from trainer.evaluate import evaluate_main, split_example, task_metrics, with_instructions, without_instructions
+from trainer.evaluate import (
+    evaluate_main,
+    split_example,
+    task_metrics,
+    with_instructions,
+    without_instructions,
+)
 
 EVAL = OmegaConf.create({"max_words": 6, "signoff": "— The Brightbean crew ☕"})
 

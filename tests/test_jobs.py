@@ -7,7 +7,13 @@ from omegaconf import OmegaConf
 
 from trainer.cli import main
 from trainer.jobs import (
-    JobNotFound, list_checkpoints, list_events, list_jobs, load_job_config, resolve_job, scan_jobs,
+    JobNotFound,
+    list_checkpoints,
+    list_events,
+    list_jobs,
+    load_job_config,
+    resolve_job,
+    scan_jobs,
 )
 from trainer.schema import DataFormat, Device
 

@@ -9,7 +9,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from trainer.moderation import (
-    LEXICON, ClassifierScreen, LexiconScreen, NoScreen, example_texts, screen_file, screen_files,
+    LEXICON,
+    ClassifierScreen,
+    LexiconScreen,
+    NoScreen,
+    example_texts,
+    screen_file,
+    screen_files,
 )
 from trainer.schema import register_configs
 

@@ -4,7 +4,14 @@ import torch
 import torch.nn.functional as F
 
 from trainer.backbones import tiny_llama
-from trainer.data.tokenize import IGNORE_INDEX, batch_tokens, batches_for_epoch, collate, pack, tokenize_examples
+from trainer.data.tokenize import (
+    IGNORE_INDEX,
+    batch_tokens,
+    batches_for_epoch,
+    collate,
+    pack,
+    tokenize_examples,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,13 @@ from rich.console import Console
 
 from trainer import preflight
 from trainer.cost import get_encoding
-from trainer.preflight import PreflightError, estimate, run_estimate, run_preflight, validate
+from trainer.preflight import (
+    PreflightError,
+    estimate,
+    run_estimate,
+    run_preflight,
+    validate,
+)
 from trainer.schema import register_configs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

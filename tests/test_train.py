@@ -3,6 +3,7 @@ determinism, failure and cancellation recorded in the job."""
 import csv
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -152,3 +153,46 @@ def test_bad_hyperparameter_values_name_the_key(make_cfg, chat_files, tmp_path, 
     assert run_training(cfg, tmp_path / "run") == 1
     error = json.loads((tmp_path / "run" / "job.json").read_text())["error"]
     assert key in error["message"]
+
+
+def test_liger_kernels_on_cpu_fail_before_loading_anything(make_cfg, chat_files, tmp_path, monkeypatch):
+    import trainer.train
+
+    monkeypatch.setattr(trainer.train, "load_tokenizer", lambda cfg: pytest.fail("tokenizer loaded"))
+    assert run_training(train_cfg(make_cfg, chat_files, "train.liger_kernel=true"), tmp_path / "run") == 1
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert job["status"] == "failed" and job["error"]["code"] == "unsupported_option"
+    assert "needs a CUDA GPU" in job["error"]["message"] and "train.liger_kernel=false" in job["error"]["message"]
+
+
+def test_liger_keeps_ftlabs_own_loss(make_cfg, monkeypatch):
+    """Liger's fused loss would bypass the LM head on supervised positions only; it must stay off."""
+    import types
+
+    from trainer.model import Runtime, apply_liger_kernels
+
+    calls = []
+    fake = types.SimpleNamespace(MODEL_TYPE_TO_APPLY_LIGER_FN={"llama": None},
+                                 _apply_liger_kernel_to_instance=lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.SimpleNamespace(monkey_patch=fake))
+    gpu = Runtime(device="cuda", dtype=torch.bfloat16, quantization="none")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
+    apply_liger_kernels(model, gpu)
+    assert calls == [{"model": model, "cross_entropy": False, "fused_linear_cross_entropy": False}]
+    model.config.model_type = "gpt2"
+    with pytest.raises(RuntimeError, match="no kernels for model type 'gpt2'"):
+        apply_liger_kernels(model, gpu)
+
+
+def test_compiled_layers_train_like_eager_ones(make_cfg, chat_files, tmp_path):
+    losses = {}
+    for compiled in ["false", "true"]:
+        cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2", "train.lora.dropout=0", f"train.compile={compiled}")
+        job = FineTuningJob(cfg, tmp_path / compiled)
+        job.setup()
+        layers = [m for m in job.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert len(layers) == 2 and all((m._compiled_call_impl is not None) == (compiled == "true") for m in layers)
+        job.train()
+        losses[compiled] = [row["train_loss"] for row in job.results.rows]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)

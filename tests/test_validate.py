@@ -7,7 +7,12 @@ from hypothesis import strategies as st
 
 from trainer.cost import get_encoding
 from trainer.data.validate import (
-    FIXES, MAX_LISTED_PER_CODE, chat_errors, prompt_completion_errors, validate_file, validate_files,
+    FIXES,
+    MAX_LISTED_PER_CODE,
+    chat_errors,
+    prompt_completion_errors,
+    validate_file,
+    validate_files,
 )
 from trainer.schema import DataFormat
 

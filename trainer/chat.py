@@ -21,8 +21,17 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from trainer.data.tokenize import render_messages, tokens_extending  # the renderer training uses
-from trainer.jobs import JobNotFound, JobRef, load_job_config, require_adapter, resolve_job
+from trainer.data.tokenize import (  # the renderer training uses
+    render_messages,
+    tokens_extending,
+)
+from trainer.jobs import (
+    JobNotFound,
+    JobRef,
+    load_job_config,
+    require_adapter,
+    resolve_job,
+)
 from trainer.schema import DataFormat
 
 BASE = "base"  # job=base: the configured backbone, no job

@@ -27,12 +27,18 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from trainer.chat import encode_chat_prompt, encode_completion_prompt, generate_batch, load_model, open_job
+from trainer.chat import (
+    encode_chat_prompt,
+    encode_completion_prompt,
+    generate_batch,
+    load_model,
+    open_job,
+)
 from trainer.data.jsonl import DataFileError, load_examples
 from trainer.data.tokenize import batches_for_epoch, tokenize_examples
+from trainer.files import write_json
 from trainer.jobs import JobNotFound
 from trainer.paths import resolve_data_path
-from trainer.files import write_json
 from trainer.schema import DataFormat
 
 BASE, FINE_TUNED = "base", "fine_tuned"

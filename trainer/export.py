@@ -20,9 +20,15 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from trainer.chat import encode_chat_prompt, encode_completion_prompt, end_of_turn_ids, load_job_tokenizer, open_job
-from trainer.jobs import JobNotFound, JobRef, require_adapter
+from trainer.chat import (
+    encode_chat_prompt,
+    encode_completion_prompt,
+    end_of_turn_ids,
+    load_job_tokenizer,
+    open_job,
+)
 from trainer.files import write_json
+from trainer.jobs import JobNotFound, JobRef, require_adapter
 from trainer.schema import DataFormat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -113,6 +113,48 @@ def load_base_model(cfg: DictConfig, runtime: Runtime):
     return model
 
 
+class AcceleratorOptionError(RuntimeError):
+    """A speed option this machine or install cannot honour; the message says what to change."""
+
+    code = "unsupported_option"
+
+
+def liger_patches(runtime: Runtime):
+    """Liger's patching module, once it is clear this machine can run its kernels (CUDA, installed)."""
+    if runtime.device != "cuda":
+        raise AcceleratorOptionError("train.liger_kernel=true needs a CUDA GPU (Liger's kernels are written in "
+                                     "Triton); set train.liger_kernel=false on this machine")
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError:
+        raise AcceleratorOptionError("train.liger_kernel=true needs the liger-kernel package: "
+                                     "pip install 'ftlab[gpu]' (or pip install liger-kernel)") from None
+    return monkey_patch
+
+
+def apply_liger_kernels(model, runtime: Runtime) -> None:
+    """Swap Liger's Triton kernels in for the backbone's RMSNorm, RoPE and SwiGLU (CUDA only).
+
+    Liger's losses stay off: ftlab computes the loss itself, with the LM head applied only
+    where the next token is supervised.
+    """
+    patches = liger_patches(runtime)
+    model_type = model.config.model_type
+    if model_type not in patches.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise AcceleratorOptionError(f"Liger has no kernels for model type {model_type!r}; "
+                                     "set train.liger_kernel=false for this backbone")
+    patches._apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (regional compilation: one graph serves every
+    layer, so compiling takes seconds, not minutes). Returns the number of layers compiled."""
+    layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile(dynamic=True)  # packed rows change length every step
+    return len(layers)
+
+
 def add_lora(model, cfg: DictConfig, runtime: Runtime):
     """Freeze the backbone and attach a fresh LoRA adapter (prepared for k-bit training under NF4)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -16,15 +16,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from trainer import cost
 from trainer.data.jsonl import DataFileError, iter_jsonl
+from trainer.data.validate import (
+    MAX_LISTED_PER_CODE,
+    Issue,
+    ValidationReport,
+    validate_files,
+)
 from trainer.files import write_json
-from trainer.data.validate import MAX_LISTED_PER_CODE, Issue, ValidationReport, validate_files
 from trainer.moderation import NoScreen, Screen, flagged_issues, screen_files
 from trainer.paths import resolve_data_path
 

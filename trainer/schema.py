@@ -97,6 +97,8 @@ class TrainConfig:
     precision: Precision = Precision.auto
     device: Device = Device.auto
     gradient_checkpointing: bool = False  # less activation memory, ~30% slower
+    compile: bool = False  # torch.compile each decoder layer (regional); measured slower on CPU, meant for GPUs
+    liger_kernel: bool = False  # Liger's Triton RMSNorm/RoPE/SwiGLU kernels (CUDA only; pip install 'ftlab[gpu]')
     micro_batch_size: Optional[int] = None  # split a step into micro-batches (gradient accumulation)
     packing: bool = False  # padding-free batches: each batch's examples in one row, position_ids reset per example
     warmup_ratio: float = 0.05

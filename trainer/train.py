@@ -42,7 +42,15 @@ from trainer.distributed import (
     wrap,
 )
 from trainer.hyperparams import resolve_hyperparameters
-from trainer.model import add_lora, load_base_model, load_tokenizer, resolve_runtime
+from trainer.model import (
+    add_lora,
+    apply_liger_kernels,
+    compile_decoder_layers,
+    liger_patches,
+    load_base_model,
+    load_tokenizer,
+    resolve_runtime,
+)
 from trainer.paths import cache_dir, resolve_data_path
 from trainer.plots import plot_losses
 from trainer.run import (
@@ -154,6 +162,8 @@ class FineTuningJob:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         self.runtime = resolve_runtime(cfg.train)
+        if cfg.train.liger_kernel:
+            liger_patches(self.runtime)  # fail before tokenizing and loading the model, not after
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -215,7 +225,11 @@ class FineTuningJob:
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
         base = load_base_model(self.cfg, self.runtime)
+        if self.cfg.train.liger_kernel:
+            apply_liger_kernels(base, self.runtime)
         self.model = add_lora(base, self.cfg, self.runtime)
+        if self.cfg.train.compile:
+            compile_decoder_layers(self.model)
         trainable, total = self.model.get_nb_trainable_parameters()
         self.events.add(f"Loaded {self.cfg.backbone.name} on {self.runtime.device} "
                         f"({self.runtime.precision_name}, quantization {self.runtime.quantization}); "
