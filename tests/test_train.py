@@ -196,3 +196,21 @@ def test_compiled_layers_train_like_eager_ones(make_cfg, chat_files, tmp_path):
         job.train()
         losses[compiled] = [row["train_loss"] for row in job.results.rows]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
+
+
+def test_micro_batches_split_packed_rows_and_train_the_same(make_cfg, chat_files, tmp_path, monkeypatch):
+    import trainer.train
+
+    rows_per_forward = []
+    forward = trainer.train.supervised_forward
+    monkeypatch.setattr(trainer.train, "supervised_forward",
+                        lambda model, batch: rows_per_forward.append(batch["input_ids"].size(0)) or forward(model, batch))
+    losses, rows = {}, {}
+    for micro in ["null", "1"]:
+        rows_per_forward.clear()
+        cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2", "train.lora.dropout=0", "train.packing=true",
+                        "train.max_length=64", f"train.micro_batch_size={micro}", "data.validation_file=null")
+        assert run_training(cfg, tmp_path / micro) == 0
+        losses[micro], rows[micro] = [float(r["train_loss"]) for r in read_results(tmp_path / micro)], list(rows_per_forward)
+    assert min(rows["null"]) > 1 and set(rows["1"]) == {1}  # packed rows of <= 64 tokens, split one by one
+    assert losses["1"] == pytest.approx(losses["null"], rel=1e-5)

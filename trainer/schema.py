@@ -99,8 +99,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # less activation memory, ~30% slower
     compile: bool = False  # torch.compile each decoder layer (regional); measured slower on CPU, meant for GPUs
     liger_kernel: bool = False  # Liger's Triton RMSNorm/RoPE/SwiGLU kernels (CUDA only; pip install 'ftlab[gpu]')
-    micro_batch_size: Optional[int] = None  # split a step into micro-batches (gradient accumulation)
-    packing: bool = False  # padding-free batches: each batch's examples in one row, position_ids reset per example
+    micro_batch_size: Optional[int] = None  # rows per forward (gradient accumulation): examples, or packed rows
+    packing: bool = False  # each batch's examples end to end in rows of up to max_length tokens, block-diagonal mask
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -32,6 +32,7 @@ from trainer.data.tokenize import (
     TokenizedDataset,
     batch_tokens,
     batches_for_epoch,
+    model_inputs,
 )
 from trainer.distributed import (
     ProcessGroup,
@@ -106,11 +107,6 @@ def supervised_forward(model, batch: dict) -> tuple[torch.Tensor, int, int]:
     positions = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
     logits = model(**model_inputs(batch), logits_to_keep=positions).logits
     return token_loss_and_accuracy(logits, labels[:, positions + 1])
-
-
-def model_inputs(batch: dict) -> dict:
-    """What the model's forward takes from a batch: everything but the labels (loss is computed here)."""
-    return {key: value for key, value in batch.items() if key != "labels"}
 
 
 class FineTuningJob:
@@ -188,7 +184,7 @@ class FineTuningJob:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg)
-        max_length = cfg.train.max_length or cfg.model.context_length
+        max_length = self.max_length = cfg.train.max_length or cfg.model.context_length
         chat = cfg.model.format == DataFormat.chat
         self.train_data = self._tokenize(self.train_path, chat, max_length)
         self.valid_data = self._tokenize(self.valid_path, chat, max_length) if self.valid_path else None
@@ -269,7 +265,7 @@ class FineTuningJob:
             for epoch in range(first_epoch, hp["n_epochs"]):
                 batches = batches_for_epoch(self.train_data, hp["batch_size"], cfg.train.seed, epoch,
                                             self.tokenizer.pad_token_id, packing=cfg.train.packing,
-                                            shard=(self.group.rank, self.group.world_size))
+                                            shard=(self.group.rank, self.group.world_size), row_length=self.max_length)
                 for batch_index, batch in enumerate(batches):
                     if epoch == first_epoch and batch_index < first_batch:
                         continue  # trained before the checkpoint this run resumed from

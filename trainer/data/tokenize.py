@@ -5,10 +5,11 @@ rendering must extend the previous one (true of ChatML and the common templates)
 the token ids of assistant replies whose ``weight`` is not 0 and -100 everywhere else.
 Prompt/completion examples are trained on the completion and the end-of-sequence token only.
 
-A batch is either padded (one row per example, padded to the longest) or packed (padding-free:
-the batch's examples laid end to end in one row, ``position_ids`` restarting at 0 for each and a
-block-diagonal causal mask, no padding at all), so examples never attend to each other and
-per-example losses equal the padded batch's.
+A batch is either padded (one row per example, padded to the longest) or packed (the batch's
+examples laid end to end in rows of at most ``row_length`` tokens, ``position_ids`` restarting at
+0 for each and a block-diagonal causal mask), so examples never attend to each other and
+per-example losses equal the padded batch's. Every batch carries ``row_tokens``, its real
+(non-padding) tokens per row; `model_inputs` is what the model's forward takes from it.
 """
 import random
 from dataclasses import dataclass, field
@@ -150,6 +151,14 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return len(self.lengths)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a batch (the loss is computed from the labels outside it)."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest example (right padding, labels -100 on padding)."""
     width = max(len(e.input_ids) for e in examples)
@@ -161,41 +170,71 @@ def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, to
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "row_tokens": attention_mask.sum(1)}
 
 
-def pack(examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-    """Lay a batch end to end in one row (no padding): ``position_ids`` restart per example and
-    ``attention_mask`` is a 4D block-diagonal causal mask, so no example attends to another.
+def fill_rows(lengths: list[int], row_length: int | None) -> list[list[int]]:
+    """Example indices grouped into rows of at most `row_length` tokens, first fit, longest first
+    (all in one row when `row_length` is None). An example longer than a row gets a row of its own."""
+    if row_length is None:
+        return [list(range(len(lengths)))]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        free = next((r for r, left in enumerate(room) if lengths[index] <= left), None)
+        if free is None:
+            rows.append([index])
+            room.append(row_length - lengths[index])
+        else:
+            rows[free].append(index)
+            room[free] -= lengths[index]
+    return rows
 
-    The mask is explicit because transformers only infers the blocks from ``position_ids`` when
-    there is no mask *and* no KV cache, and a model in training mode still builds a cache unless
-    ``use_cache=False``. The label at each example's first position is -100, so the shifted loss
-    never trains an example's first token to follow the previous example's last one.
+
+def pack(examples: list[TokenizedExample], pad_token_id: int = 0, row_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Lay a batch end to end in rows of at most `row_length` tokens (one row when None): ``position_ids``
+    restart per example and ``attention_mask`` is a 4D block-diagonal causal mask, so no example
+    attends to another. Rows are right-padded to the longest; the padding is a block of its own.
+
+    Capping rows at the longest an example may be keeps attention (quadratic in the row) and the
+    mask as small as padded batches', and gives micro-batching rows to split. The mask is explicit
+    because transformers only infers the blocks from ``position_ids`` when there is no mask *and*
+    no KV cache. The label at each example's first position is -100, so the shifted loss never
+    trains an example's first token to follow the previous example's last one.
     """
-    input_ids, labels, position_ids, example_ids = [], [], [], []
-    for index, example in enumerate(examples):
-        input_ids += example.input_ids
-        labels += [IGNORE_INDEX] + example.labels[1:]  # never supervised unpacked either (nothing precedes it)
-        position_ids += range(len(example.input_ids))
-        example_ids += [index] * len(example.input_ids)
-    owner = torch.tensor(example_ids)
-    same_example = owner[:, None] == owner[None, :]
-    causal = torch.ones(len(owner), len(owner), dtype=torch.bool).tril_()
-    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([position_ids]), "attention_mask": (same_example & causal)[None, None]}
+    rows = fill_rows([len(e.input_ids) for e in examples], row_length)
+    row_tokens = torch.tensor([sum(len(examples[i].input_ids) for i in row) for row in rows])
+    shape = (len(rows), int(row_tokens.max()))
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    owner = torch.full(shape, -1, dtype=torch.long)  # which example of the row each position belongs to
+    for r, row in enumerate(rows):
+        start = 0
+        for block, index in enumerate(row):
+            example, n = examples[index], len(examples[index].input_ids)
+            input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+            labels[r, start + 1 : start + n] = torch.tensor(example.labels[1:])  # never supervised unpacked either
+            position_ids[r, start : start + n] = torch.arange(n)
+            owner[r, start : start + n] = block
+            start += n
+        position_ids[r, start:] = torch.arange(shape[1] - start)
+    causal = torch.ones(shape[1], shape[1], dtype=torch.bool).tril_()
+    same_example = owner[:, :, None] == owner[:, None, :]
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": (same_example & causal)[:, None], "row_tokens": row_tokens}
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens in a padded or packed batch."""
-    mask = batch["attention_mask"]
-    return int(mask.sum()) if mask.dim() == 2 else batch["input_ids"].numel()
+    return int(batch["row_tokens"].sum())
 
 
 def batches_for_epoch(dataset: TokenizedDataset, batch_size: int, seed: int, epoch: int, pad_token_id: int,
-                      packing: bool = False, shard: tuple[int, int] = (0, 1)):
+                      packing: bool = False, shard: tuple[int, int] = (0, 1), row_length: int | None = None):
     """The epoch's batches, length-grouped and shuffled for (seed, epoch): padded tensors, or with
-    `packing` the same examples packed into one padding-free row (see `pack`)."""
+    `packing` the same examples packed into rows of at most `row_length` tokens (see `pack`)."""
     sampler = LengthGroupedSampler([len(e.input_ids) for e in dataset.examples], batch_size, seed)
     sampler.set_epoch(epoch)
     for indices in sampler.batches():
@@ -205,4 +244,4 @@ def batches_for_epoch(dataset: TokenizedDataset, batch_size: int, seed: int, epo
         if not examples:  # a last batch smaller than the number of ranks: a step that trains nothing here
             first = dataset.examples[indices[0]]
             examples = [TokenizedExample(first.input_ids, [IGNORE_INDEX] * len(first.labels))]
-        yield pack(examples) if packing else collate(examples, pad_token_id)
+        yield pack(examples, pad_token_id, row_length) if packing else collate(examples, pad_token_id)
