@@ -106,7 +106,7 @@ def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
     if not compose_data_cfg(cfg)["validation"]:
         return None
     _, dataset = reference_data(cfg, tokenizer, "validation")
-    model.eval()
+    model.float().eval()  # after peak memory was read
     loss_total, supervised = 0.0, 0
     with torch.no_grad():
         for batch in batches_for_epoch(dataset, 8, 0, 0, tokenizer.pad_token_id):
