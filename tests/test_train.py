@@ -218,3 +218,17 @@ def test_micro_batches_split_packed_rows_and_train_the_same(make_cfg, chat_files
         losses[micro], rows[micro] = [float(r["train_loss"]) for r in read_results(tmp_path / micro)], list(rows_per_forward)
     assert min(rows["null"]) > 1 and set(rows["1"]) == {1}  # packed rows of <= 64 tokens, split one by one
     assert losses["1"] == pytest.approx(losses["null"], rel=1e-5)
+
+
+def test_cpu_memory_settings_leave_a_users_choice_alone(monkeypatch):
+    import os
+    import platform
+
+    from trainer.model import keep_cpu_memory_flat
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    assert keep_cpu_memory_flat() is (platform.libc_ver()[0] == "glibc")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    keep_cpu_memory_flat()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"

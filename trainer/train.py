@@ -47,6 +47,7 @@ from trainer.model import (
     add_lora,
     apply_liger_kernels,
     compile_decoder_layers,
+    keep_cpu_memory_flat,
     liger_patches,
     load_base_model,
     load_tokenizer,
@@ -132,6 +133,7 @@ class FineTuningJob:
     def setup(self) -> None:
         """Record the job, run the pre-flight, then build data, model, optimizer and logger."""
         cfg = self.cfg
+        keep_cpu_memory_flat()
         train_path = resolve_data_path(cfg.data.train_file)
         valid_path = resolve_data_path(cfg.data.validation_file) if cfg.data.validation_file else None
         for path in [train_path, valid_path]:
