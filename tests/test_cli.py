@@ -69,7 +69,7 @@ def test_unknown_verb_lists_the_verbs(tmp_path, cache_dir):
 def test_missing_backbone_weights_say_how_to_provide_them(tmp_path, cache_dir):
     result = ftlab("train", "backbone=llama-3.1-8b-instruct", "logger=none", "train.max_steps=1",
                    f"hydra.run.dir={tmp_path / 'D'}", cwd=tmp_path, cache=cache_dir)
-    assert result.returncode == 1
+    assert result.returncode == 1 and "failed [backbone_not_found]" in result.stdout  # the code, not eaten as markup
     job = json.loads((tmp_path / "D" / "job.json").read_text())
     assert job["status"] == "failed" and job["error"]["code"] == "backbone_not_found"
     assert "backbone.load.path" in job["error"]["message"]

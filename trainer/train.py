@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -476,7 +477,8 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
     try:
         lock.acquire()
     except Exception as error:  # noqa: BLE001 - the lock holder's job is left untouched
-        console.print(f"[red]refused[/] [{getattr(error, 'code', 'locked')}] {error}")
+        code = getattr(error, "code", "locked")
+        console.print(f"[red]refused[/] {escape(f'[{code}] {error}')}")
         signal.signal(signal.SIGTERM, previous_handler)
         return 1
     try:
@@ -499,7 +501,7 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
         if hasattr(job, "job"):
             job.job.finish("failed", error={"code": code, "message": message, "param": None})
             job.events.add(f"Job failed: [{code}] {message}", level="error")
-        console.print(f"[red]failed[/] [{code}] {message}")
+        console.print(f"[red]failed[/] {escape(f'[{code}] {message}')}")
         if not isinstance(error, JobFailed) and code != "out_of_memory" and not hasattr(type(error), "code"):
             console.print_exception(max_frames=8)
         return 1
