@@ -101,7 +101,7 @@ def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
     import torch
 
     from trainer.data.tokenize import batches_for_epoch
-    from trainer.train import token_loss_and_accuracy
+    from trainer.train import supervised_forward
 
     if not compose_data_cfg(cfg)["validation"]:
         return None
@@ -111,8 +111,7 @@ def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
     with torch.no_grad():
         for batch in batches_for_epoch(dataset, 8, 0, 0, tokenizer.pad_token_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss_sum, n, _ = token_loss_and_accuracy(logits[:, :-1].float(), batch["labels"][:, 1:])
+            loss_sum, n, _ = supervised_forward(model, batch)
             loss_total, supervised = loss_total + loss_sum.item(), supervised + n
     return loss_total / max(supervised, 1)
 

