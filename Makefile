@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ftlab-installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench gpu-wheels gpu-check clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -30,6 +30,14 @@ test: install
 bench: install
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# The GPU check (README, Performance): wheels fetched here, then one call on a CUDA machine with its own
+# python3 and torch and no network.  make gpu-wheels  here;  make gpu-check  there.
+gpu-wheels:
+	$(PYTHON) scripts/gpu_wheels.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) outputs .cache

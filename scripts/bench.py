@@ -4,6 +4,9 @@
     make bench ARGS="--steps 16 --repeats 3"
     .venv/bin/python scripts/bench.py --device cuda --backbone llama-3.1-8b-instruct --quantization nf4 \\
         --max-length 1024 --batch-size 8                   # a GPU: QLoRA, bf16, reports MFU
+    python3 scripts/bench.py --device cuda --train qlora --backbone llama-3.1-8b-random --fill-length \\
+        --max-length 2048 --batch-size 4 --repeats 1       # make gpu-check: 8B shapes, random weights
+    python3 scripts/bench.py --report benchmarks/results/<file>.json   # a saved run's table again
 
 Each (runner, repeat) is its own subprocess, so peak RSS is per run; runners alternate
 (A B C, then C B A, ...) so drift on a shared machine hits all of them alike. Runners:
@@ -11,6 +14,7 @@ Each (runner, repeat) is its own subprocess, so peak RSS is per run; runners alt
   ftlab          ftlab's own loop (`FineTuningJob.train`) with train.packing=true
   ftlab-padded   the same with train.packing=false (dynamic padding, length-grouped)
   ftlab-compiled the same as ftlab with train.compile=true (compile time included in the timing)
+  ftlab-liger    the same as ftlab with train.liger_kernel=true (CUDA: Liger's RMSNorm, RoPE, SwiGLU kernels)
   trl-defaults   SFTTrainer as a user starts it: SFTConfig defaults (gradient checkpointing, bf16 autocast,
                  dynamic padding, random order, loss on every token of the conversation)
   trl-best       SFTTrainer tuned: padding_free=True, no gradient checkpointing, assistant-only loss
@@ -28,12 +32,19 @@ excluded), padding fraction (padding / positions computed), peak RSS (and peak G
 last step's training loss as the trainer reports it, and a held-out loss computed the same way
 for all: assistant-only mean token loss on the validation file, fp32, after training. The last
 line is `speedup X.XX` = ftlab's supervised tokens/s / trl-defaults'.
+
+--fill-length replaces the data with synthetic chat examples that each fill --max-length tokens
+(a quarter prompt, the rest reply), so every runner computes the same sequence length: how GPU
+throughput and MFU are quoted. MFU counts 4 x parameters FLOPs per token (forward, and backward
+through the activations only: the base is frozen) against the card's dense bf16 peak.
 """
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -50,7 +61,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "trl-defaults", "trl-best", "trl-packing"]
+RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "trl-defaults", "trl-best", "trl-packing"]
 DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
                    "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peak per GPU
@@ -74,7 +85,51 @@ def compose(args, extra: tuple[str, ...] = ()):
                  f"train.precision={args.precision}", "train.checkpoint_every=0",
                  f"cache_dir={os.path.expanduser(args.cache_dir)}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides + list(args.override) + list(extra))
+        cfg = hydra_compose(config_name="config", overrides=overrides + list(args.override) + list(extra))
+    if getattr(args, "fill_length", False):
+        overrides += ["data=custom", f"data.train_file={fill_length_file(cfg)}"]
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides + list(args.override) + list(extra))
+    return cfg
+
+
+FILLER_WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+                "quebec romeo sierra tango uniform victor whiskey xray yankee zulu the quick brown fox jumps over "
+                "lazy dog").split()
+
+
+def fill_length_file(cfg, n_examples: int = 64) -> Path:
+    """Synthetic chat examples of just under `train.max_length` tokens (98%, so no trainer truncates them),
+    made once and cached by content."""
+    from trainer.data.tokenize import encode_chat
+    from trainer.files import write_atomic
+    from trainer.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    max_length = cfg.train.max_length
+    key = hashlib.sha256(f"{cfg.backbone.name}:{len(tokenizer)}:{max_length}:{n_examples}:{cfg.train.seed}".encode())
+    path = Path(cfg.cache_dir).expanduser() / "bench" / f"fill-{max_length}-{key.hexdigest()[:12]}.jsonl"
+    if path.exists():
+        return path
+    rng = random.Random(cfg.train.seed)
+    words = lambda n: " ".join(rng.choice(FILLER_WORDS) for _ in range(n))  # noqa: E731
+    example = lambda prompt, reply: {"messages": [{"role": "user", "content": prompt},  # noqa: E731
+                                                  {"role": "assistant", "content": reply}]}
+    lines = []
+    for _ in range(n_examples):
+        prompt = words(8)
+        while len(encode_chat(example(prompt + " " + words(8), ""), tokenizer)[0]) < max_length // 4:
+            prompt += " " + words(8)
+        reply = ""
+        while True:
+            longer = (reply + " " + words(16)).strip()
+            if len(encode_chat(example(prompt, longer), tokenizer)[0]) > max_length * 0.98:  # TRL may tokenize a few more
+                break
+            reply = longer
+        lines.append(json.dumps(example(prompt, reply)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
 
 
 def reference_data(cfg, tokenizer, split: str):
@@ -162,18 +217,27 @@ def supervised_lookup(dataset) -> dict:
     return {tuple(e.input_ids): sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in dataset.examples}
 
 
+def reset_peak_gpu_memory(device: str) -> None:
+    """Peak GPU memory is the training loop's: building an 8B model at random passes through bf16 first."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory(device: str) -> dict:
     import torch
 
     out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     return out
 
 
 # ---- runners (each in its own process) -------------------------------------------------------
-FTLAB_RUNNER_OVERRIDES = {"ftlab": ("train.packing=true",), "ftlab-padded": ("train.packing=false",),
-                          "ftlab-compiled": ("train.packing=true", "train.compile=true")}
+FTLAB_RUNNER_OVERRIDES = {"ftlab": (), "ftlab-padded": ("train.packing=false",),
+                          "ftlab-compiled": ("train.compile=true",), "ftlab-liger": ("train.liger_kernel=true",)}
 
 
 def run_ftlab(args, runner: str) -> dict:
@@ -196,6 +260,7 @@ def run_ftlab(args, runner: str) -> dict:
             return step(batch)
 
         job._optimizer_step = counted_step
+        reset_peak_gpu_memory(job.runtime.device)
         started = time.perf_counter()
         job.train()
         seconds = time.perf_counter() - started
@@ -204,6 +269,7 @@ def run_ftlab(args, runner: str) -> dict:
                 **counter.record(), **memory,
                 "heldout_loss": heldout_loss(job.model, tokenizer, cfg, job.runtime.device),
                 "settings": {"packing": bool(cfg.train.packing), "compile": bool(cfg.train.compile),
+                             "liger_kernel": bool(cfg.train.liger_kernel),
                              "precision": job.runtime.precision_name,
                              "quantization": job.runtime.quantization,
                              "gradient_checkpointing": bool(cfg.train.gradient_checkpointing)}}
@@ -223,7 +289,8 @@ def run_trl(args, variant: str) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from trainer.model import backbone_folder, load_tokenizer, resolve_runtime
+    from trainer.backbones import has_random_weights
+    from trainer.model import backbone_folder, load_base_model, load_tokenizer, resolve_runtime
 
     cfg = compose(args)
     runtime = resolve_runtime(cfg.train)
@@ -234,8 +301,10 @@ def run_trl(args, variant: str) -> dict:
     lora = cfg.train.lora
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                              target_modules=list(lora.target_modules or cfg.backbone.lora_target_modules))
-    model_init_kwargs = {}
-    if runtime.quantization == "nf4":
+    model, model_init_kwargs = str(backbone_folder(cfg)), {}
+    if has_random_weights(backbone_folder(cfg)):
+        model = load_base_model(cfg, runtime)  # the same random weights, built (and quantized) as ftlab builds them
+    elif runtime.quantization == "nf4":
         from transformers import BitsAndBytesConfig
 
         model_init_kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -258,7 +327,7 @@ def run_trl(args, variant: str) -> dict:
     elif variant == "trl-packing":
         settings |= dict(packing=True, gradient_checkpointing=False)
     config = SFTConfig(**settings)
-    trainer = SFTTrainer(model=str(backbone_folder(cfg)), args=config, train_dataset=Dataset.from_list(rows),
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=peft_config)
     counter = TokenCounter(supervised_lookup(train_ref))
     compute_loss = trainer.compute_loss
@@ -269,6 +338,7 @@ def run_trl(args, variant: str) -> dict:
         return compute_loss(model, inputs, *a, **kw)
 
     trainer.compute_loss = counted_loss
+    reset_peak_gpu_memory(runtime.device)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -318,6 +388,47 @@ def summarise(runner: str, runs: list[dict], n_params: float, device_name: str) 
     return summary
 
 
+def print_table(summaries: dict, gpu: bool) -> None:
+    """The side-by-side table, then each runner's ratios to trl-defaults (added to its summary)."""
+    baseline = summaries.get("trl-defaults")
+    print()
+    header = (f"{'runner':14s} {'sup tok/s':>9s} {'tok/s':>8s} {'padding':>7s} {'peak RSS':>9s} "
+              f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}" + ("  peak GPU    MFU" if gpu else ""))
+    print(header)
+    for r, s in summaries.items():
+        line = (f"{r:14s} {s['supervised_tokens_per_s']:9.1f} {s['tokens_per_s']:8.1f} {s['padding_fraction']:7.1%} "
+                f"{s['peak_rss_mib']:7.0f}Mi {s['final_train_loss']:10.4f} {s['heldout_loss'] or float('nan'):8.4f} "
+                f"{s['examples_per_step']:7.1f}")
+        if "peak_gpu_mib" in s:
+            line += f"  {s['peak_gpu_mib']:7.0f}Mi {s.get('mfu', float('nan')):6.1%}"
+        print(line)
+    if baseline:
+        print()
+        for r, s in summaries.items():
+            if r != "trl-defaults":
+                s["vs_trl_defaults"] = ratio = {
+                    "supervised_tokens_per_s": s["supervised_tokens_per_s"] / baseline["supervised_tokens_per_s"],
+                    "tokens_per_s": s["tokens_per_s"] / baseline["tokens_per_s"],
+                    "peak_rss": s["peak_rss_mib"] / baseline["peak_rss_mib"],
+                } | ({"peak_gpu": s["peak_gpu_mib"] / baseline["peak_gpu_mib"]} if "peak_gpu_mib" in s else {})
+                gpu_ratio = f", peak GPU x{ratio['peak_gpu']:.2f}" if "peak_gpu" in ratio else ""
+                print(f"{r} / trl-defaults: supervised tok/s x{ratio['supervised_tokens_per_s']:.2f}, "
+                      f"tok/s x{ratio['tokens_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}{gpu_ratio}")
+
+
+def report(path: Path) -> dict:
+    """Print a saved results JSON's table again (figures for the README); returns the record."""
+    record = json.loads(Path(path).read_text())
+    machine = record["machine"]
+    print(f"{path}: {record['command']}")
+    print(f"machine: {machine.get('gpu') or machine['cpu']} · torch {record['versions']['torch']} · "
+          f"ftlab {record['ftlab_commit']} · {record['created']}")
+    print_table(record["summary"], bool(machine.get("gpu")))
+    if "speedup" in record:
+        print(f"\nspeedup {record['speedup']:.2f}")
+    return record
+
+
 def environment(args) -> dict:
     import importlib.metadata as md
 
@@ -357,9 +468,15 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="~/.cache/ftlab")
     parser.add_argument("--override", action="append", default=[], help="extra ftlab override for every runner (repeatable)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>-<backbone>-<date>.json)")
+    parser.add_argument("--fill-length", action="store_true",
+                        help="synthetic examples that each fill --max-length tokens instead of --data")
+    parser.add_argument("--report", metavar="RESULTS_JSON", help="print a saved run's table and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        report(Path(args.report))
+        return
     if args.child:
         return child(args)
 
@@ -374,17 +491,22 @@ def main() -> None:
             parser.error("TRL is not installed: pip install -e '.[bench]'  (or: make bench)")
     passthrough = [a for a in sys.argv[1:]]
     runs: dict[str, list[dict]] = {r: [] for r in runners}
+    failures: dict[str, str] = {}
     for repeat in range(args.repeats):
         order = runners if repeat % 2 == 0 else runners[::-1]
         for runner in order:
+            if runner in failures:
+                continue
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
                 result_path = handle.name
             started = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", runner, "--result", result_path],
                                   capture_output=True, text=True)
-            if proc.returncode != 0:
+            if proc.returncode != 0:  # the others still run: one broken runner must not cost the whole bench
                 sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                sys.exit(f"runner {runner} failed (exit {proc.returncode})")
+                print(f"runner {runner} failed (exit {proc.returncode}); going on without it", flush=True)
+                failures[runner] = (proc.stdout[-2000:] + proc.stderr[-6000:]).strip()
+                continue
             result = json.loads(Path(result_path).read_text())
             os.unlink(result_path)
             result["process_seconds"] = time.perf_counter() - started
@@ -397,46 +519,26 @@ def main() -> None:
     env = environment(args)
     cfg = compose(args)
     device_name = env["machine"]["gpu"] or env["machine"]["cpu"]
-    summaries = {r: summarise(r, runs[r], float(cfg.backbone.n_params), device_name) for r in runners}
+    summaries = {r: summarise(r, runs[r], float(cfg.backbone.n_params), device_name) for r in runners if runs[r]}
+    print_table(summaries, args.device == "cuda")
     baseline = summaries.get("trl-defaults")
-    print()
-    header = (f"{'runner':13s} {'sup tok/s':>9s} {'tok/s':>8s} {'padding':>7s} {'peak RSS':>9s} "
-              f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}" + ("  peak GPU    MFU" if args.device == "cuda" else ""))
-    print(header)
-    for r, s in summaries.items():
-        line = (f"{r:13s} {s['supervised_tokens_per_s']:9.1f} {s['tokens_per_s']:8.1f} {s['padding_fraction']:7.1%} "
-                f"{s['peak_rss_mib']:7.0f}Mi {s['final_train_loss']:10.4f} {s['heldout_loss'] or float('nan'):8.4f} "
-                f"{s['examples_per_step']:7.1f}")
-        if "peak_gpu_mib" in s:
-            line += f"  {s['peak_gpu_mib']:7.0f}Mi {s.get('mfu', float('nan')):6.1%}"
-        print(line)
-    if baseline:
-        print()
-        for r, s in summaries.items():
-            if r != "trl-defaults":
-                s["vs_trl_defaults"] = {
-                    "supervised_tokens_per_s": s["supervised_tokens_per_s"] / baseline["supervised_tokens_per_s"],
-                    "tokens_per_s": s["tokens_per_s"] / baseline["tokens_per_s"],
-                    "peak_rss": s["peak_rss_mib"] / baseline["peak_rss_mib"],
-                }
-                ratio = s["vs_trl_defaults"]
-                print(f"{r} / trl-defaults: supervised tok/s x{ratio['supervised_tokens_per_s']:.2f}, "
-                      f"tok/s x{ratio['tokens_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")
     settings = {k: getattr(args, k) for k in ["steps", "batch_size", "max_length", "repeats", "seed", "backbone", "data",
-                                               "train", "device", "quantization", "precision", "override"]}
+                                               "train", "device", "quantization", "precision", "override", "fill_length"]}
     settings["learning_rate"] = cfg.train.base_learning_rate
     settings["lora"] = dict(cfg.train.lora) | {"target_modules": list(cfg.train.lora.target_modules or cfg.backbone.lora_target_modules)}
     out = Path(args.out) if args.out else (
         REPO / "benchmarks" / "results" / f"{args.device}-{args.backbone.split('-')[0]}-{dt.date.today():%Y-%m-%d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"created": dt.datetime.now().isoformat(timespec="seconds"), "command": "scripts/bench.py " + " ".join(sys.argv[1:]),
-              **env, "settings": settings, "summary": summaries, "runs": runs}
+              **env, "settings": settings, "summary": summaries, "runs": runs, "failures": failures}
     if "ftlab" in summaries and baseline:
         record["speedup"] = summaries["ftlab"]["supervised_tokens_per_s"] / baseline["supervised_tokens_per_s"]
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"\nresults: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
     if "speedup" in record:
         print(f"speedup {record['speedup']:.2f}")
+    if failures:
+        sys.exit(f"runner(s) failed: {', '.join(failures)} (their output is in the results JSON)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ folder that ``transformers.from_pretrained`` can load offline (weights, config, 
 - ``pretrained``: a local folder or a hub id already in the local Hugging Face cache.
 - ``tiny_llama``: a randomly initialised 2-layer Llama with a small byte-level tokenizer,
   built from config in seconds, for tests and smoke runs.
+- ``random_weights``: any architecture's config (Llama-3.1-8B's, say) with that small tokenizer and
+  no weight files: ``build_random_model`` makes the weights at random directly on the device, so an
+  8B-shaped model costs seconds on a GPU instead of 16 GB of files. For speed, memory and mechanics.
 """
 import hashlib
 import importlib.util
@@ -87,6 +90,29 @@ def pretrained(path: str, cache_dir: str, revision: str | None = None) -> Path:
         ) from None
 
 
+def chatml_byte_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of `vocab_size` entries with ChatML specials and template (trained in ms)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["system user assistant The quick brown fox jumps over the lazy dog. {\"name\": null}"] * 4
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 def tiny_llama(
     cache_dir: str,
     hidden_size: int = 64,
@@ -112,24 +138,9 @@ def tiny_llama(
     if (target / "config.json").exists():
         return target
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = ["system user assistant The quick brown fox jumps over the lazy dog. {\"name\": null}"] * 4
-    bpe.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer = chatml_byte_tokenizer(vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=hidden_size,
@@ -145,3 +156,62 @@ def tiny_llama(
     )
     model = LlamaForCausalLM(config)
     return _save_to_cache(model, tokenizer, target)
+
+
+RANDOM_WEIGHTS_MARKER = "ftlab-random-weights.json"
+
+
+def random_weights(cache_dir: str, architecture: dict, seed: int = 0, tokenizer_vocab_size: int = 384) -> Path:
+    """A folder with `architecture` as config.json, a small ChatML tokenizer and no weights.
+
+    `architecture` is a transformers config as a dict (``model_type`` plus its fields). The folder's
+    marker file tells `load_base_model` to build the weights with `build_random_model` instead of
+    reading them. Token ids stay below the tokenizer's size, a corner of the model's vocabulary.
+    """
+    from transformers import AutoConfig
+
+    spec = dict(architecture=dict(architecture), seed=seed, tokenizer_vocab_size=tokenizer_vocab_size)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    target = ensure_cache_dir(cache_dir) / "backbones" / f"random-{architecture['model_type']}-{digest}"
+    if (target / RANDOM_WEIGHTS_MARKER).exists():
+        return target
+    fields = {k: v for k, v in spec["architecture"].items() if k != "model_type"}
+    config = AutoConfig.for_model(architecture["model_type"], **fields)
+    tokenizer = chatml_byte_tokenizer(tokenizer_vocab_size)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the architecture's vocab_size is "
+                         f"{config.vocab_size}; raise backbone.load.architecture.vocab_size")
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = (
+        tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / RANDOM_WEIGHTS_MARKER).write_text(json.dumps({"seed": seed}) + "\n")
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def has_random_weights(folder: Path) -> bool:
+    """Whether `folder` was made by `random_weights` (config only: build the weights, don't read them)."""
+    return (Path(folder) / RANDOM_WEIGHTS_MARKER).exists()
+
+
+def build_random_model(folder: Path, dtype, device: str):
+    """The model of a `random_weights` folder, initialised directly on `device` in `dtype`.
+
+    The same folder gives the same weights every time (its seed), without touching the caller's RNG.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    seed = json.loads((Path(folder) / RANDOM_WEIGHTS_MARKER).read_text())["seed"]
+    cuda_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda_devices), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device)

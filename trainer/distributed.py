@@ -1,11 +1,13 @@
 """Data-parallel training with torch.distributed: the same entrypoint under `torchrun` or
 `accelerate launch` (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR).
 
+A launcher's single process (`torchrun --nproc_per_node 1`) joins a group of one, so DDP and
+FSDP wrap the model as they would on several GPUs: the same code path, checkable on one GPU.
+
 Every rank walks the same global batches (same seed) and trains on its share of each batch's
 examples; the loss is normalised by the global number of supervised tokens, so gradients equal
 those of one process with the whole batch. Rank 0 keeps the job record.
 """
-import functools
 import os
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ class ProcessGroup:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun / accelerate (a process group exists, even of one)
 
     @property
     def is_main(self) -> bool:
@@ -25,25 +28,24 @@ class ProcessGroup:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.launched
 
 
-def launched_world_size() -> int:
-    """How many processes the launcher started (1 when run directly)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started this process: it sets RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_process_group(device: str) -> ProcessGroup:
-    """Join the launcher's process group (gloo on CPU, nccl on CUDA); a single process when not launched."""
-    world_size = launched_world_size()
-    if world_size == 1:
+    """Join the launcher's process group (gloo on CPU, nccl on CUDA); a plain process when not launched."""
+    if not launched():
         return ProcessGroup()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, launched=True)
 
 
 def sum_across(group: ProcessGroup, values: list[float], device: str) -> list[float]:
@@ -61,12 +63,12 @@ def wrap(model: torch.nn.Module, group: ProcessGroup, device: str, strategy: str
         return model
     device_ids = [group.local_rank] if device == "cuda" else None
     if strategy == "fsdp":  # shards the frozen (e.g. NF4) backbone too: for backbones one GPU cannot hold
+        from peft.utils.other import fsdp_auto_wrap_policy
         from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-        layer_classes = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes)
-        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
+        # a unit per decoder layer (frozen, one dtype) and one per LoRA matrix (trainable, fp32): FSDP
+        # flattens each unit into one tensor, so no unit may mix dtypes
+        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
                                         device_id=group.local_rank if device == "cuda" else None)
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

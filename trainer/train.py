@@ -169,6 +169,9 @@ class FineTuningJob:
         if self.resume or self.checkpoints_dir.parent != self.run_dir:
             self._restore_checkpoint()
         self.train_model = wrap(self.model, self.group, self.runtime.device, cfg.train.distributed.value)
+        if self.group.enabled:
+            self.events.add(f"Training on {self.group.world_size} process(es) with {cfg.train.distributed.value}: "
+                            f"{type(self.train_model).__name__}", data={"world_size": self.group.world_size})
         self.logger = instantiate(cfg.logger if self.group.is_main else {"_target_": "trainer.loggers.NullLogger"}, run_dir=self.run_dir, name=self.job.id, _recursive_=False, _convert_="all",
                                   run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 

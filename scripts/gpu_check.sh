@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# make gpu-check: prove the GPU path on a CUDA machine in one call, offline, in under 8 minutes.
+#   Here (network):   make gpu-wheels             -> .whl/ (the packages that machine lacks)
+#   There:            make gpu-check              -> logs and results JSON in $OUT (or benchmarks/results/gpu-check)
+# It uses the machine's own python3 and torch, installs .whl/ with --no-index, then runs
+#   1. pytest -m gpu: QLoRA mechanics on a small random Llama (loss falls, base unchanged, adapter
+#      reloads, resume after kill, FSDP-QLoRA as one process and as two with two GPUs);
+#   2. the bench, ftlab vs TRL's SFTTrainer, QLoRA on Llama-3.1-8B's shapes (random weights built
+#      on the GPU) at sequence 2048, batch 4: tokens/s, MFU, peak GPU memory;
+#   3. if time is left, the same with train.liger_kernel=true and train.compile=true.
+# Each part runs under its own time limit and a failing part does not stop the next.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu-check}
+SITE=${FTLAB_GPU_SITE:-/tmp/ftlab-site}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+STEPS=${GPU_CHECK_STEPS:-10}
+started=$(date +%s)
+left() { echo $(( BUDGET_S - ($(date +%s) - started) )); }
+mkdir -p "$OUT"
+stamp=$(date +%Y-%m-%d)
+
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+  || { echo "gpu-check: installing .whl/ failed (run make gpu-wheels where PyPI is reachable)"; exit 2; }
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+CACHE=${GPU_CHECK_CACHE:-/tmp/ftlab-cache}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PYTHON" -c "import torch, transformers, peft, bitsandbytes, trl; print('torch', torch.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'trl', trl.__version__)"
+} 2>&1 | tee "$OUT/environment.txt"
+
+status=0
+echo "== pytest -m gpu ($(left) s left)"
+timeout 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" \
+  || status=1
+
+bench() {  # bench <runners> <results name>
+  timeout "$(left)" "$PYTHON" scripts/bench.py --device cuda --train qlora --quantization nf4 --precision bf16 \
+    --backbone llama-3.1-8b-random --fill-length --max-length 2048 --batch-size 4 --steps "$STEPS" --repeats 1 \
+    --cache-dir "$CACHE" --runners "$1" --out "$OUT/$2" 2>&1 | tee "$OUT/${2%.json}.log"
+}
+echo "== bench: ftlab vs TRL, QLoRA, Llama-3.1-8B shapes ($(left) s left)"
+bench ftlab,trl-defaults "gpu-llama8b-qlora-$stamp.json" || status=1
+if [ "$(left)" -gt 150 ]; then
+  echo "== bench: Liger and compile ($(left) s left)"
+  bench ftlab-liger,ftlab-compiled "gpu-llama8b-qlora-options-$stamp.json" || status=1
+else
+  echo "== skipped Liger and compile: $(left) s left"
+fi
+echo "gpu-check finished in $(( $(date +%s) - started )) s, status $status; results in $OUT"
+exit $status
