@@ -15,6 +15,7 @@ Each (runner, repeat) is its own subprocess, so peak RSS is per run; runners alt
   ftlab-padded   the same with train.packing=false (dynamic padding, length-grouped)
   ftlab-compiled the same as ftlab with train.compile=true (compile time included in the timing)
   ftlab-liger    the same as ftlab with train.liger_kernel=true (CUDA: Liger's RMSNorm, RoPE, SwiGLU kernels)
+  ftlab-bf16-hidden  the same as ftlab with train.fp32_hidden_states=false (residual stream in bf16 too)
   trl-defaults   SFTTrainer as a user starts it: SFTConfig defaults (gradient checkpointing, bf16 autocast,
                  dynamic padding, random order, loss on every token of the conversation)
   trl-best       SFTTrainer tuned: padding_free=True, no gradient checkpointing, assistant-only loss
@@ -61,7 +62,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "trl-defaults", "trl-best", "trl-packing"]
+RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "ftlab-bf16-hidden", "trl-defaults", "trl-best",
+           "trl-packing"]
 DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
                    "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peak per GPU
@@ -156,7 +158,7 @@ def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
     import torch
 
     from trainer.data.tokenize import batches_for_epoch
-    from trainer.train import supervised_forward
+    from trainer.loss import supervised_forward
 
     if not compose_data_cfg(cfg)["validation"]:
         return None
@@ -237,7 +239,8 @@ def peak_memory(device: str) -> dict:
 
 # ---- runners (each in its own process) -------------------------------------------------------
 FTLAB_RUNNER_OVERRIDES = {"ftlab": (), "ftlab-padded": ("train.packing=false",),
-                          "ftlab-compiled": ("train.compile=true",), "ftlab-liger": ("train.liger_kernel=true",)}
+                          "ftlab-compiled": ("train.compile=true",), "ftlab-liger": ("train.liger_kernel=true",),
+                          "ftlab-bf16-hidden": ("train.fp32_hidden_states=false",)}
 
 
 def run_ftlab(args, runner: str) -> dict:
@@ -270,6 +273,7 @@ def run_ftlab(args, runner: str) -> dict:
                 "heldout_loss": heldout_loss(job.model, tokenizer, cfg, job.runtime.device),
                 "settings": {"packing": bool(cfg.train.packing), "compile": bool(cfg.train.compile),
                              "liger_kernel": bool(cfg.train.liger_kernel),
+                             "fp32_hidden_states": bool(cfg.train.fp32_hidden_states),
                              "precision": job.runtime.precision_name,
                              "quantization": job.runtime.quantization,
                              "gradient_checkpointing": bool(cfg.train.gradient_checkpointing)}}
@@ -392,11 +396,11 @@ def print_table(summaries: dict, gpu: bool) -> None:
     """The side-by-side table, then each runner's ratios to trl-defaults (added to its summary)."""
     baseline = summaries.get("trl-defaults")
     print()
-    header = (f"{'runner':14s} {'sup tok/s':>9s} {'tok/s':>8s} {'padding':>7s} {'peak RSS':>9s} "
+    header = (f"{'runner':17s} {'sup tok/s':>9s} {'tok/s':>8s} {'padding':>7s} {'peak RSS':>9s} "
               f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}" + ("  peak GPU    MFU" if gpu else ""))
     print(header)
     for r, s in summaries.items():
-        line = (f"{r:14s} {s['supervised_tokens_per_s']:9.1f} {s['tokens_per_s']:8.1f} {s['padding_fraction']:7.1%} "
+        line = (f"{r:17s} {s['supervised_tokens_per_s']:9.1f} {s['tokens_per_s']:8.1f} {s['padding_fraction']:7.1%} "
                 f"{s['peak_rss_mib']:7.0f}Mi {s['final_train_loss']:10.4f} {s['heldout_loss'] or float('nan'):8.4f} "
                 f"{s['examples_per_step']:7.1f}")
         if "peak_gpu_mib" in s:
@@ -511,7 +515,7 @@ def main() -> None:
             os.unlink(result_path)
             result["process_seconds"] = time.perf_counter() - started
             runs[runner].append(result)
-            print(f"[{repeat + 1}/{args.repeats}] {runner:13s} {result['supervised_tokens'] / result['seconds']:8.1f} "
+            print(f"[{repeat + 1}/{args.repeats}] {runner:17s} {result['supervised_tokens'] / result['seconds']:8.1f} "
                   f"supervised tok/s  {result['seconds']:6.1f} s train  loss {result['final_train_loss']:.4f}  "
                   f"held-out {result['heldout_loss'] or float('nan'):.4f}  rss {result['peak_rss_mib']:.0f} MiB",
                   flush=True)

@@ -118,17 +118,17 @@ def test_jobs_cancel_stops_a_running_job_cleanly(tmp_path, cache_dir, long_job):
 
 
 def test_nonfinite_steps_are_skipped_then_fail_the_job(make_cfg, chat_files, tmp_path, monkeypatch):
-    import trainer.train as train_module
+    import trainer.loss as loss_module
 
-    real = train_module.token_loss_and_accuracy
+    real = loss_module.token_loss_and_accuracy
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss, n, correct = real(logits, labels)
+        loss, n, correct = real(*args, **kwargs)
         return (loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss), n, correct
 
-    monkeypatch.setattr(train_module, "token_loss_and_accuracy", poisoned)
+    monkeypatch.setattr(loss_module, "token_loss_and_accuracy", poisoned)
     train, valid = chat_files
     cfg = make_cfg("data=custom", f"data.train_file={train}", "train.n_epochs=5", "train.batch_size=2",
                    "train.checkpoint_every=1", "train.max_nonfinite_steps=3")

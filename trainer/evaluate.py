@@ -127,7 +127,7 @@ def billed_prompt_tokens(prompt, chat: bool, encoding) -> int:
 @torch.no_grad()
 def loss_and_accuracy(model, dataset, pad_token_id: int, batch_size: int, device) -> dict:
     """Validation loss and mean token accuracy exactly as training reports them."""
-    from trainer.train import supervised_forward
+    from trainer.loss import supervised_forward
 
     loss_total, supervised, correct = 0.0, 0, 0
     for batch in batches_for_epoch(dataset, batch_size, 0, 0, pad_token_id):

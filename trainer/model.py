@@ -259,7 +259,7 @@ def add_lora(model, cfg: DictConfig, runtime: Runtime):
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
-    if runtime.dtype != torch.float32:
+    if runtime.dtype != torch.float32 and cfg.train.fp32_hidden_states:
         keep_hidden_states_fp32(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)

@@ -99,6 +99,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # less activation memory, ~30% slower
     compile: bool = False  # torch.compile each decoder layer (regional); measured slower on CPU, meant for GPUs
     liger_kernel: bool = False  # Liger's Triton RMSNorm/RoPE/SwiGLU kernels (CUDA only; pip install 'ftlab[gpu]')
+    fp32_hidden_states: bool = True  # bf16/fp16 weights, fp32 residual stream (quality of fp32); false: all in bf16
     micro_batch_size: Optional[int] = None  # rows per forward (gradient accumulation): examples, or packed rows
     packing: bool = True  # each batch's examples end to end in rows of up to max_length tokens, block-diagonal mask
     warmup_ratio: float = 0.05

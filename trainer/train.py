@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -33,7 +32,6 @@ from trainer.data.tokenize import (
     TokenizedDataset,
     batch_tokens,
     batches_for_epoch,
-    model_inputs,
 )
 from trainer.distributed import (
     ProcessGroup,
@@ -45,6 +43,7 @@ from trainer.distributed import (
 )
 from trainer.files import write_json
 from trainer.hyperparams import resolve_hyperparameters
+from trainer.loss import supervised_forward
 from trainer.model import (
     add_lora,
     apply_liger_kernels,
@@ -83,32 +82,6 @@ class JobFailed(Exception):
 
 def _raise_cancelled(signum, frame):
     raise JobCancelled(f"received signal {signal.Signals(signum).name}")
-
-
-def token_loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Summed loss, number of supervised targets and number predicted right.
-
-    `targets` is aligned with `logits` (already shifted); -100 marks positions not trained.
-    Only supervised positions are gathered (and upcast to fp32).
-    """
-    mask = targets != IGNORE_INDEX
-    picked = logits[mask].float()
-    chosen = targets[mask]
-    loss_sum = F.cross_entropy(picked, chosen, reduction="sum")
-    correct = (picked.argmax(-1) == chosen).sum().item()
-    return loss_sum, int(chosen.numel()), int(correct)
-
-
-def supervised_forward(model, batch: dict) -> tuple[torch.Tensor, int, int]:
-    """Forward the batch with the LM head applied only where the next token is supervised.
-
-    The vocabulary projection is a fifth of a small model's compute; skipping it on prompt
-    tokens (and never materialising their logits) is the cheapest speed-up there is.
-    """
-    labels = batch["labels"]
-    positions = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-    logits = model(**model_inputs(batch), logits_to_keep=positions).logits
-    return token_loss_and_accuracy(logits, labels[:, positions + 1])
 
 
 class FineTuningJob:
