@@ -70,9 +70,21 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 # ---- shared by every runner ------------------------------------------------------------------
-def compose(args, extra: tuple[str, ...] = ()):
-    """ftlab's composed config for these bench settings (the same one every runner reads its settings from)."""
-    from hydra import compose as hydra_compose
+def ftlab_overrides(args, extra: tuple[str, ...] = ()) -> list[str]:
+    """The Hydra overrides of these bench settings: what `ftlab train` is given in a whole-process run."""
+    overrides = [f"backbone={args.backbone}", f"data={args.data}", "data.validation_file=null", "logger=none",
+                 "moderation=off", f"train={args.train}", f"train.batch_size={args.batch_size}",
+                 f"train.max_steps={args.steps}", f"train.max_length={args.max_length}", f"train.seed={args.seed}",
+                 f"train.device={args.device}", f"train.quantization={args.quantization}",
+                 f"train.precision={args.precision}", "train.checkpoint_every=0",
+                 f"cache_dir={os.path.expanduser(args.cache_dir)}", *args.override, *extra]
+    if getattr(args, "fill_length", False):
+        overrides += ["data=custom", f"data.train_file={fill_length_file(hydra_compose(overrides))}"]
+    return overrides
+
+
+def hydra_compose(overrides: list[str]):
+    from hydra import compose as compose_config
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -80,19 +92,13 @@ def compose(args, extra: tuple[str, ...] = ()):
 
     register_configs()
     GlobalHydra.instance().clear()
-    overrides = [f"backbone={args.backbone}", f"data={args.data}", "data.validation_file=null", "logger=none",
-                 "moderation=off", f"train={args.train}", f"train.batch_size={args.batch_size}",
-                 f"train.max_steps={args.steps}", f"train.max_length={args.max_length}", f"train.seed={args.seed}",
-                 f"train.device={args.device}", f"train.quantization={args.quantization}",
-                 f"train.precision={args.precision}", "train.checkpoint_every=0",
-                 f"cache_dir={os.path.expanduser(args.cache_dir)}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides + list(args.override) + list(extra))
-    if getattr(args, "fill_length", False):
-        overrides += ["data=custom", f"data.train_file={fill_length_file(cfg)}"]
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides + list(args.override) + list(extra))
-    return cfg
+        return compose_config(config_name="config", overrides=overrides)
+
+
+def compose(args, extra: tuple[str, ...] = ()):
+    """ftlab's composed config for these bench settings (the same one every runner reads its settings from)."""
+    return hydra_compose(ftlab_overrides(args, extra))
 
 
 FILLER_WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
@@ -287,52 +293,77 @@ GENERATION_TAGGED = ("{% for message in messages %}{% if loop.first and messages
                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def run_trl(args, variant: str) -> dict:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
+def trl_plan(args, variant: str) -> dict:
+    """What a TRL run is given, as plain JSON data: model folder, rows, SFTConfig and LoRA settings, tokenizer."""
     from trainer.backbones import has_random_weights
-    from trainer.model import backbone_folder, load_base_model, load_tokenizer, resolve_runtime
+    from trainer.data.jsonl import load_examples
+    from trainer.model import backbone_folder, load_tokenizer, resolve_runtime
+    from trainer.paths import resolve_data_path
 
     cfg = compose(args)
     runtime = resolve_runtime(cfg.train)
     tokenizer = load_tokenizer(cfg)
-    examples, train_ref = reference_data(cfg, tokenizer, "train")
     rows = [{"messages": [{"role": m["role"], "content": m.get("content") or ""} for m in ex["messages"]]}
-            for _, ex in examples]
+            for _, ex in load_examples(resolve_data_path(cfg.data.train_file))]
     lora = cfg.train.lora
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                             target_modules=list(lora.target_modules or cfg.backbone.lora_target_modules))
-    model, model_init_kwargs = str(backbone_folder(cfg)), {}
-    if has_random_weights(backbone_folder(cfg)):
-        model = load_base_model(cfg, runtime)  # the same random weights, built (and quantized) as ftlab builds them
-    elif runtime.quantization == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        model_init_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        model_init_kwargs["dtype"] = torch.bfloat16
-    settings = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), max_length=args.max_length,
-                    per_device_train_batch_size=args.batch_size, max_steps=args.steps, seed=args.seed,
-                    data_seed=args.seed, learning_rate=cfg.train.base_learning_rate, warmup_steps=0,
+    settings = dict(max_length=args.max_length, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                    seed=args.seed, data_seed=args.seed, learning_rate=cfg.train.base_learning_rate, warmup_steps=0,
                     weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm, logging_steps=1,
-                    save_strategy="no", report_to="none", use_cpu=runtime.device == "cpu",
-                    disable_tqdm=True, model_init_kwargs=model_init_kwargs or None)
+                    save_strategy="no", report_to="none", use_cpu=runtime.device == "cpu", disable_tqdm=True)
+    chat_template = tokenizer.chat_template
     if variant == "trl-best":
         # TRL refuses padding_free with a max_length it would not enforce; cap by dropping longer examples instead.
         from trainer.data.tokenize import encode_chat
 
         rows = [row for row in rows if len(encode_chat(row, tokenizer)[0]) <= args.max_length]
         settings |= dict(padding_free=True, gradient_checkpointing=False, assistant_only_loss=True, max_length=None)
-        tokenizer.chat_template = GENERATION_TAGGED
+        chat_template = GENERATION_TAGGED
     elif variant == "trl-packing":
         settings |= dict(packing=True, gradient_checkpointing=False)
-    config = SFTConfig(**settings)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft_config)
+    return {"model": str(backbone_folder(cfg)), "random_weights": has_random_weights(backbone_folder(cfg)),
+            "nf4": runtime.quantization == "nf4", "rows": rows, "settings": settings, "chat_template": chat_template,
+            "pad_token": tokenizer.pad_token, "lora": {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "target_modules": list(lora.target_modules or cfg.backbone.lora_target_modules)},
+            "overrides": ftlab_overrides(args)}
+
+
+def trl_trainer(plan: dict):
+    """SFTTrainer as the plan says; imports nothing of ftlab unless the weights are random (built as ftlab builds them)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(plan["model"])
+    tokenizer.chat_template, tokenizer.pad_token = plan["chat_template"], plan["pad_token"]
+    model, model_init_kwargs = plan["model"], None
+    if plan["random_weights"]:
+        from trainer.model import load_base_model, resolve_runtime
+
+        cfg = hydra_compose(plan["overrides"])
+        model = load_base_model(cfg, resolve_runtime(cfg.train))
+    elif plan["nf4"]:
+        from transformers import BitsAndBytesConfig
+
+        model_init_kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)}
+    config = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), model_init_kwargs=model_init_kwargs,
+                       **plan["settings"])
+    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(plan["rows"]),
+                      processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **plan["lora"]))
+
+
+def run_trl(args, variant: str) -> dict:
+    from trainer.model import load_tokenizer, resolve_runtime
+
+    plan = trl_plan(args, variant)
+    cfg = compose(args)
+    runtime = resolve_runtime(cfg.train)
+    _, train_ref = reference_data(cfg, load_tokenizer(cfg), "train")
+    trainer = trl_trainer(plan)
+    config = trainer.args
     counter = TokenCounter(supervised_lookup(train_ref))
     compute_loss = trainer.compute_loss
 
@@ -354,6 +385,35 @@ def run_trl(args, variant: str) -> dict:
             "settings": {"padding_free": config.padding_free, "packing": config.packing,
                          "gradient_checkpointing": config.gradient_checkpointing, "bf16": config.bf16,
                          "assistant_only_loss": config.assistant_only_loss}}
+
+
+def trl_process(plan_path: str) -> None:
+    """A whole TRL process as a user's script runs it: build the trainer, train, save the adapter."""
+    trainer = trl_trainer(json.loads(Path(plan_path).read_text()))
+    trainer.train()
+    trainer.save_model()
+
+
+def whole_process(command: list[str], log: Path) -> dict:
+    """Wall time and peak RSS of one process from start to exit (its own rusage, not the parent's)."""
+    started = time.perf_counter()
+    with open(log, "w") as output:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {log.read_text()[-3000:]}")
+    return {"process_s": time.perf_counter() - started, "process_peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def whole_process_command(args, runner: str, scratch: Path) -> list[str]:
+    """The command a user would run for this runner: `ftlab train` with the bench's overrides, or TRL's script."""
+    if runner.startswith("ftlab"):
+        return [sys.executable, "-m", "trainer", "train", *ftlab_overrides(args, FTLAB_RUNNER_OVERRIDES[runner]),
+                f"hydra.run.dir={scratch / 'run'}"]
+    plan = scratch / "plan.json"
+    plan.write_text(json.dumps(trl_plan(args, runner)))
+    return [sys.executable, __file__, "--trl-process", str(plan)]
 
 
 def child(args) -> None:
@@ -383,6 +443,9 @@ def summarise(runner: str, runs: list[dict], n_params: float, device_name: str) 
         "loss_tokens_per_step": med("loss_tokens") / max(med("steps"), 1),
         "settings": runs[0]["settings"],
     }
+    if all("process_s" in r for r in runs):
+        summary["process_s"] = statistics.median(r["process_s"] for r in runs)
+        summary["process_peak_rss_mib"] = max(r["process_peak_rss_mib"] for r in runs)
     summary["supervised_tokens_per_s"] = statistics.median(summary["supervised_tokens_per_s_runs"])
     if "peak_gpu_mib" in runs[0]:
         summary["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in runs)
@@ -397,7 +460,8 @@ def print_table(summaries: dict, gpu: bool) -> None:
     baseline = summaries.get("trl-defaults")
     print()
     header = (f"{'runner':17s} {'sup tok/s':>9s} {'tok/s':>8s} {'padding':>7s} {'peak RSS':>9s} "
-              f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}" + ("  peak GPU    MFU" if gpu else ""))
+              f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}" + ("  peak GPU    MFU" if gpu else "")
+              + "  | process: wall  peak RSS")
     print(header)
     for r, s in summaries.items():
         line = (f"{r:17s} {s['supervised_tokens_per_s']:9.1f} {s['tokens_per_s']:8.1f} {s['padding_fraction']:7.1%} "
@@ -405,6 +469,8 @@ def print_table(summaries: dict, gpu: bool) -> None:
                 f"{s['examples_per_step']:7.1f}")
         if "peak_gpu_mib" in s:
             line += f"  {s['peak_gpu_mib']:7.0f}Mi {s.get('mfu', float('nan')):6.1%}"
+        if "process_s" in s:
+            line += f"  |      {s['process_s']:6.1f}s {s['process_peak_rss_mib']:7.0f}Mi"
         print(line)
     if baseline:
         print()
@@ -415,7 +481,13 @@ def print_table(summaries: dict, gpu: bool) -> None:
                     "tokens_per_s": s["tokens_per_s"] / baseline["tokens_per_s"],
                     "peak_rss": s["peak_rss_mib"] / baseline["peak_rss_mib"],
                 } | ({"peak_gpu": s["peak_gpu_mib"] / baseline["peak_gpu_mib"]} if "peak_gpu_mib" in s else {})
+                if "process_s" in s and "process_s" in baseline:
+                    ratio |= {"process_wall": s["process_s"] / baseline["process_s"],
+                              "process_peak_rss": s["process_peak_rss_mib"] / baseline["process_peak_rss_mib"]}
                 gpu_ratio = f", peak GPU x{ratio['peak_gpu']:.2f}" if "peak_gpu" in ratio else ""
+                if "process_wall" in ratio:
+                    gpu_ratio += (f"; whole process: wall x{ratio['process_wall']:.2f}, "
+                                  f"peak RSS x{ratio['process_peak_rss']:.2f}")
                 print(f"{r} / trl-defaults: supervised tok/s x{ratio['supervised_tokens_per_s']:.2f}, "
                       f"tok/s x{ratio['tokens_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}{gpu_ratio}")
 
@@ -475,6 +547,9 @@ def main() -> None:
     parser.add_argument("--fill-length", action="store_true",
                         help="synthetic examples that each fill --max-length tokens instead of --data")
     parser.add_argument("--report", metavar="RESULTS_JSON", help="print a saved run's table and exit")
+    parser.add_argument("--whole-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each runner as a whole process, start to exit, as a user runs it")
+    parser.add_argument("--trl-process", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -483,6 +558,8 @@ def main() -> None:
         return
     if args.child:
         return child(args)
+    if args.trl_process:
+        return trl_process(args.trl_process)
 
     runners = [r.strip() for r in args.runners.split(",") if r.strip()]
     unknown = sorted(set(runners) - set(RUNNERS))
@@ -514,11 +591,20 @@ def main() -> None:
             result = json.loads(Path(result_path).read_text())
             os.unlink(result_path)
             result["process_seconds"] = time.perf_counter() - started
+            if args.whole_process:
+                with tempfile.TemporaryDirectory(prefix="bench-process-") as scratch:
+                    try:
+                        result |= whole_process(whole_process_command(args, runner, Path(scratch)),
+                                                Path(scratch) / "output.log")
+                    except RuntimeError as error:
+                        print(f"runner {runner}: whole-process run failed ({error}); going on without it", flush=True)
+                        failures[runner + " (whole process)"] = str(error)
             runs[runner].append(result)
             print(f"[{repeat + 1}/{args.repeats}] {runner:17s} {result['supervised_tokens'] / result['seconds']:8.1f} "
                   f"supervised tok/s  {result['seconds']:6.1f} s train  loss {result['final_train_loss']:.4f}  "
-                  f"held-out {result['heldout_loss'] or float('nan'):.4f}  rss {result['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+                  f"held-out {result['heldout_loss'] or float('nan'):.4f}  rss {result['peak_rss_mib']:.0f} MiB"
+                  + (f"  | whole process {result['process_s']:.1f} s, {result['process_peak_rss_mib']:.0f} MiB"
+                     if "process_s" in result else ""), flush=True)
 
     env = environment(args)
     cfg = compose(args)
