@@ -86,18 +86,21 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it(make_cfg, monkeyp
     assert trainer.model.resolve_runtime(make_cfg("train.precision=fp32").train).dtype == torch.float32
 
 
-def test_bf16_run_keeps_fp32_adapter_optimizer_and_hidden_states_and_learns(make_cfg, chat_files, tmp_path):
-    cfg = train_cfg(make_cfg, chat_files, "train.precision=bf16", "train.n_epochs=3", "train.eval_every=100")
+@pytest.mark.parametrize("fp32_hidden_states,hidden_dtype", [("true", torch.float32), ("false", torch.bfloat16)])
+def test_bf16_run_keeps_fp32_adapter_and_optimizer_and_learns(make_cfg, chat_files, tmp_path, fp32_hidden_states,
+                                                              hidden_dtype):
+    cfg = train_cfg(make_cfg, chat_files, "train.precision=bf16", "train.n_epochs=3", "train.eval_every=100",
+                    f"train.fp32_hidden_states={fp32_hidden_states}")
     job = FineTuningJob(cfg, tmp_path / "run")
     job.setup()
     base = [p for n, p in job.model.named_parameters() if "lora_" not in n and p.dim() == 2]
     adapter = [p for n, p in job.model.named_parameters() if "lora_" in n]
     assert {p.dtype for p in base} == {torch.bfloat16} and {p.dtype for p in adapter} == {torch.float32}
-    seen = []  # the residual stream stays fp32 (bf16 matmuls would round a young adapter's updates away)
+    seen = []  # the residual stream's dtype between decoder layers
     for layer in [m for m in job.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]:
         layer.register_forward_hook(lambda module, args, output: seen.append((args[0].dtype, output.dtype)))
     job.train()
-    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    assert seen and set(seen) == {(hidden_dtype, hidden_dtype)}
     assert all(state["exp_avg"].dtype == torch.float32 for state in job.optimizer.state.values())
     losses = [row["train_loss"] for row in job.results.rows]
     assert sum(losses[-3:]) < sum(losses[:3])
