@@ -308,7 +308,7 @@ def trl_plan(args, variant: str) -> dict:
     lora = cfg.train.lora
     settings = dict(max_length=args.max_length, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                     seed=args.seed, data_seed=args.seed, learning_rate=cfg.train.base_learning_rate, warmup_steps=0,
-                    weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm, logging_steps=1,
+                    weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.train.max_grad_norm, logging_steps=1,
                     save_strategy="no", report_to="none", use_cpu=runtime.device == "cpu", disable_tqdm=True)
     chat_template = tokenizer.chat_template
     if variant == "trl-best":

@@ -74,3 +74,41 @@ def test_missing_backbone_weights_say_how_to_provide_them(tmp_path, cache_dir):
     assert job["status"] == "failed" and job["error"]["code"] == "backbone_not_found"
     assert "backbone.load.path" in job["error"]["message"]
     assert "hf download meta-llama/Llama-3.1-8B-Instruct" in job["error"]["message"]
+
+
+@pytest.mark.parametrize("verb,override,code", [
+    ("train", "suffix='bad suffix/with:chars and way too long'", "invalid_suffix"),
+    ("train", "suffix=" + "x" * 65, "invalid_suffix"),
+    ("estimate", "train.batch_size=0", "invalid_hyperparameter"),
+    ("estimate", "train.learning_rate_multiplier=-1", "invalid_hyperparameter"),
+    ("validate", "train.n_epochs=100", "invalid_hyperparameter"),
+])
+def test_bad_settings_are_refused_before_anything_loads(tmp_path, cache_dir, verb, override, code):
+    run_dir = tmp_path / "run"
+    result = ftlab(verb, *TINY, override, f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"[{code}]" in result.stderr and override.split("=")[0] in result.stderr
+    assert not (run_dir / "job.json").exists() and not (run_dir / "estimate.json").exists()
+
+
+def test_a_good_suffix_names_the_model(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = ftlab("train", *TINY, "suffix=brand-tone_v2.1", "train.max_steps=1", f"hydra.run.dir={run_dir}",
+                   cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ":brand-tone_v2.1:" in json.loads((run_dir / "job.json").read_text())["fine_tuned_model"]
+
+
+def test_resume_honours_run_length_overrides_and_refuses_the_rest(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    first = ftlab("train", *TINY, "train.max_steps=2", "train.checkpoint_every=1", f"hydra.run.dir={run_dir}",
+                  cwd=tmp_path, cache=cache_dir)
+    assert first.returncode == 0, first.stdout + first.stderr
+    refused = ftlab("train", f"resume={run_dir}", "train.max_steps=4", "train.learning_rate_multiplier=3",
+                    cwd=tmp_path, cache=cache_dir)
+    assert refused.returncode == 2 and "[resume_override] train.learning_rate_multiplier" in refused.stderr
+    assert "train.max_steps" not in refused.stderr.split("These can")[0]  # only the refused key is named
+    longer = ftlab("train", f"resume={run_dir}", "train.max_steps=4", cwd=tmp_path, cache=cache_dir)
+    assert longer.returncode == 0, longer.stdout + longer.stderr
+    rows = (run_dir / "results.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]

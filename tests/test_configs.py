@@ -12,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.cli import CONFIG_DIR
 from trainer.schema import register_configs
 
-GROUPS = ["model", "backbone", "data", "train", "pricing", "logger", "moderation", "generation", "eval",
-          "hparams_search", "launcher"]
+GROUPS = sorted(path.name for path in Path(CONFIG_DIR).iterdir() if path.is_dir())  # every folder is a group
 PRESETS = [(group, path.stem) for group in GROUPS for path in sorted(Path(CONFIG_DIR, group).glob("*.yaml"))]
 # Arguments ftlab passes at instantiate time, beside those in the config.
-RUNTIME_KWARGS = {"backbone.load": {"cache_dir"}, "logger": {"run_dir", "name", "run_config"}}
+RUNTIME_KWARGS = {"backbone.load": {"cache_dir"}, "logger": {"run_dir", "name", "run_config"},
+                  "optim": {"params", "lr"}, "scheduler": {"optimizer", "total_steps"}}
 
 
 def compose_with(*overrides: str) -> DictConfig:
@@ -36,9 +36,19 @@ def target_nodes(node, path=""):
                 yield from target_nodes(child, f"{path}.{key}" if path else str(key))
 
 
-def test_every_group_has_presets():
+def test_every_group_has_presets_and_a_slot_and_every_slot_a_group():
     found = {group for group, _ in PRESETS}
     assert found == set(GROUPS)
+    defaults = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").defaults)
+    slots = {next(iter(entry)).removeprefix("optional ").strip() for entry in defaults if isinstance(entry, dict)}
+    assert slots == set(GROUPS), "conf/config.yaml's defaults list and the conf/ folders disagree"
+
+
+def test_the_qlora_preset_picks_the_paged_8bit_optimizer():
+    assert compose_with("train=qlora").optim._target_ == "bitsandbytes.optim.PagedAdamW8bit"
+    assert compose_with("train=fsdp-qlora").optim._target_ == "bitsandbytes.optim.PagedAdamW8bit"
+    assert compose_with().optim._target_ == "torch.optim.AdamW"
+    assert compose_with("train=qlora", "optim=adamw").optim._target_ == "torch.optim.AdamW"  # the user's choice wins
 
 
 @pytest.mark.parametrize("group,preset", PRESETS, ids=[f"{g}={p}" for g, p in PRESETS])

@@ -76,7 +76,7 @@ def test_qlora_trains_on_a_fixed_batch_and_leaves_the_base_unchanged(tmp_path, c
     from trainer.train import FineTuningJob
 
     cfg = compose_job(*qlora_args(train_file, cache_dir, "train.batch_size=8", "train.max_steps=12",
-                                  "train.warmup_ratio=0", "train.learning_rate_multiplier=5"))
+                                  "scheduler.warmup_ratio=0", "train.learning_rate_multiplier=5"))
     job = FineTuningJob(cfg, tmp_path / "run")
     job.setup()
     quantized = [m for m in job.model.modules() if isinstance(m, bnb.nn.Linear4bit)]

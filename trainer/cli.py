@@ -32,8 +32,19 @@ def train(cfg: DictConfig) -> int:
         from trainer.jobs import load_job_config, resolve_job
 
         job = resolve_job(cfg.resume, cfg.get("jobs_root"))
-        return run_training(load_job_config(job), job.run_dir, resume=True)
+        overrides = tuple(o for o in _overrides() if not o.startswith(("resume=", "jobs_root=")))
+        refused = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] not in RESUME_OVERRIDES]
+        if refused:
+            print(f"ftlab: [resume_override] {', '.join(refused)} cannot change when a job resumes: it keeps the "
+                  f"settings it was created with. These can: {', '.join(RESUME_OVERRIDES)}", file=sys.stderr)
+            return 2
+        return run_training(load_job_config(job, cfg, overrides), job.run_dir, resume=True)
     return run_training(cfg, _run_dir())
+
+
+# what a resumed job may change: how long it runs and how it records, never what it learns from
+RESUME_OVERRIDES = ("train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+                    "train.max_nonfinite_steps", "train.micro_batch_size", "cache_dir")
 
 
 def _resume_args(args: list[str]) -> list[str]:
@@ -108,6 +119,7 @@ def _overrides() -> tuple[str, ...]:
 
 VERBS = {"train": train, "validate": validate, "estimate": estimate, "chat": chat, "complete": complete,
          "eval": evaluate, "export": export, "jobs": jobs}
+SETTINGS_VERBS = {"train", "validate", "estimate"}  # verbs that read the job's hyperparameters and suffix
 NO_HYDRA = {"jobs"}  # plain argument parsing, no config composition
 USE_VERBS = {"chat", "complete", "eval", "export"}  # results go to the job's run dir, so no run dir of their own
 FREE_TEXT_KEYS = ("prompt=", "system=", "job=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra
@@ -182,6 +194,15 @@ def main(argv: list[str] | None = None) -> None:
     function = VERBS[verb]
 
     def task(cfg: DictConfig):
+        if verb in SETTINGS_VERBS:
+            from trainer.hyperparams import SettingsError, check_job_settings
+
+            try:
+                check_job_settings(cfg)
+            except SettingsError as error:
+                print(f"ftlab: [{error.code}] {error}", file=sys.stderr)
+                _exit_codes.append(2)
+                return 2
         code = function(cfg)
         _exit_codes.append(code)
         if verb == "train" and not cfg.resume:

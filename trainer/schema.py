@@ -102,8 +102,6 @@ class TrainConfig:
     fp32_hidden_states: bool = False  # residual stream in fp32 under bf16/fp16 weights; measured no better in bf16, 40% slower on GPU
     micro_batch_size: Optional[int] = None  # rows per forward (gradient accumulation): examples, or packed rows
     packing: bool = True  # each batch's examples end to end in rows of up to max_length tokens, block-diagonal mask
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 10  # optimizer steps between validation passes
     checkpoint_every: int = 50  # optimizer steps between checkpoints
@@ -173,11 +171,13 @@ class FtlabConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    optim: Any = None  # a _partial_ _target_ node (conf/optim/): called with the LoRA parameters and lr
+    scheduler: Any = None  # a _partial_ _target_ node (conf/scheduler/): called with the optimizer and total steps
     logger: Any = None  # a _target_ node: trainer.loggers.WandbLogger | trainer.loggers.NullLogger
     moderation: Any = None  # a _target_ node: the content screen run by validate
     resume: Optional[str] = None  # train: a run dir or job id to continue from its newest complete checkpoint
     org: str = "personal"  # the <org> part of ft:<model>:<org>:<suffix>:<id>
-    suffix: Optional[str] = None  # the <suffix> part, up to 40 characters
+    suffix: Optional[str] = None  # the <suffix> part: up to 64 letters, digits, '-', '_', '.'
     cache_dir: str = "~/.cache/ftlab"  # converted backbones, tokenized data
     # Using a finished job (chat, complete, eval, export):
     job: Optional[str] = None  # a job id (ftjob-…), an ft: model name, a run dir, `latest`, or `base` (the backbone alone)

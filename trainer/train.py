@@ -84,6 +84,14 @@ def _raise_cancelled(signum, frame):
     raise JobCancelled(f"received signal {signal.Signals(signum).name}")
 
 
+def warmup_schedule(optimizer, total_steps: int, name: str = "linear", warmup_ratio: float = 0.05):
+    """transformers' named schedule (`linear`, `cosine`, …) warming up over the first `warmup_ratio` of the steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
 class FineTuningJob:
     """One fine-tuning job in one run directory."""
 
@@ -212,19 +220,9 @@ class FineTuningJob:
                         data={"trainable_parameters": trainable, "total_parameters": total})
 
     def _setup_optimizer(self) -> None:
-        from transformers import get_scheduler
-
         params = self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
-        lr = self.hyperparameters["learning_rate"]
-        if self.runtime.quantization == "nf4" and self.runtime.device == "cuda":
-            import bitsandbytes as bnb
-
-            self.optimizer = bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=self.cfg.train.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.train.weight_decay)
-        self.scheduler = get_scheduler("linear", self.optimizer,
-                                       num_warmup_steps=int(self.cfg.train.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
+        self.optimizer = instantiate(self.cfg.optim)(params, lr=self.hyperparameters["learning_rate"])
+        self.scheduler = instantiate(self.cfg.scheduler)(self.optimizer, total_steps=self.total_steps)
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> None:
