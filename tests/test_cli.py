@@ -77,8 +77,7 @@ def test_missing_backbone_weights_say_how_to_provide_them(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("verb,override,code", [
-    ("train", "suffix='bad suffix/with:chars and way too long'", "invalid_suffix"),
-    ("train", "suffix=" + "x" * 65, "invalid_suffix"),
+    ("estimate", "suffix='bad suffix/with:chars and way too long'", "invalid_suffix"),
     ("estimate", "train.batch_size=0", "invalid_hyperparameter"),
     ("estimate", "train.learning_rate_multiplier=-1", "invalid_hyperparameter"),
     ("validate", "train.n_epochs=100", "invalid_hyperparameter"),
@@ -88,7 +87,19 @@ def test_bad_settings_are_refused_before_anything_loads(tmp_path, cache_dir, ver
     result = ftlab(verb, *TINY, override, f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=cache_dir)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"[{code}]" in result.stderr and override.split("=")[0] in result.stderr
-    assert not (run_dir / "job.json").exists() and not (run_dir / "estimate.json").exists()
+    assert not (run_dir / "estimate.json").exists() and not (run_dir / "validation.json").exists()
+
+
+@pytest.mark.parametrize("override,code", [("suffix='bad suffix/with:chars and way too long'", "invalid_suffix"),
+                                           ("suffix=" + "x" * 65, "invalid_suffix"),
+                                           ("train.learning_rate_multiplier=-1", "invalid_hyperparameter")])
+def test_a_job_with_bad_settings_fails_before_the_preflight(tmp_path, cache_dir, override, code):
+    run_dir = tmp_path / "run"
+    result = ftlab("train", *TINY, override, f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 1 and f"[{code}]" in result.stdout, result.stdout + result.stderr
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["status"] == "failed" and job["error"]["code"] == code and job["fine_tuned_model"] is None
+    assert not (run_dir / "estimate.json").exists()  # refused before the pre-flight read the data
 
 
 def test_a_good_suffix_names_the_model(tmp_path, cache_dir):

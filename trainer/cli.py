@@ -119,7 +119,7 @@ def _overrides() -> tuple[str, ...]:
 
 VERBS = {"train": train, "validate": validate, "estimate": estimate, "chat": chat, "complete": complete,
          "eval": evaluate, "export": export, "jobs": jobs}
-SETTINGS_VERBS = {"train", "validate", "estimate"}  # verbs that read the job's hyperparameters and suffix
+SETTINGS_VERBS = {"validate", "estimate"}  # check the job's settings first (train records the refusal in its job)
 NO_HYDRA = {"jobs"}  # plain argument parsing, no config composition
 USE_VERBS = {"chat", "complete", "eval", "export"}  # results go to the job's run dir, so no run dir of their own
 FREE_TEXT_KEYS = ("prompt=", "system=", "job=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra

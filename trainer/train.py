@@ -42,7 +42,7 @@ from trainer.distributed import (
     wrap,
 )
 from trainer.files import write_json
-from trainer.hyperparams import resolve_hyperparameters
+from trainer.hyperparams import SettingsError, check_job_settings, resolve_hyperparameters
 from trainer.loss import supervised_forward
 from trainer.model import (
     add_lora,
@@ -135,6 +135,10 @@ class FineTuningJob:
                                   training_file=train_path, validation_file=valid_path,
                                   backbone=cfg.backbone.name, seed=cfg.train.seed)
             self.events.add(f"Created fine-tuning job: {self.job.id}")
+            try:  # refused before anything is read or loaded, and recorded like any failure
+                check_job_settings(cfg)
+            except SettingsError as error:
+                raise JobFailed(error.code, str(error)) from None
         self.estimate, train_path, valid_path = self._preflight()
         self.train_path, self.valid_path = train_path, valid_path
         write_json(self.run_dir / "env.json", describe_environment(
