@@ -65,8 +65,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "ftlab-bf16-hidden", "trl-defaults", "trl-best",
            "trl-packing"]
 DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
-                   "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peak per GPU
 
 
 # ---- shared by every runner ------------------------------------------------------------------
@@ -449,9 +447,11 @@ def summarise(runner: str, runs: list[dict], n_params: float, device_name: str) 
     summary["supervised_tokens_per_s"] = statistics.median(summary["supervised_tokens_per_s_runs"])
     if "peak_gpu_mib" in runs[0]:
         summary["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in runs)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
-        if peak and n_params:  # LoRA on a frozen base: ~2N forward + ~2N backward (activations only) per token
-            summary["mfu"] = summary["tokens_per_s"] * 4 * n_params / peak
+        from trainer.flops import flops_per_token, gpu_peak_flops
+
+        peak = gpu_peak_flops(device_name)
+        if peak and n_params:  # the training loop's FLOP model (trainer/flops.py)
+            summary["mfu"] = summary["tokens_per_s"] * flops_per_token(n_params) / peak
     return summary
 
 

@@ -42,6 +42,7 @@ from trainer.distributed import (
     wrap,
 )
 from trainer.files import write_json
+from trainer.flops import flops_per_token, peak_flops
 from trainer.hyperparams import SettingsError, check_job_settings, resolve_hyperparameters
 from trainer.loss import supervised_forward
 from trainer.model import (
@@ -151,6 +152,9 @@ class FineTuningJob:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
+        peak = peak_flops(self.runtime.device, self.runtime.dtype, cache_dir(cfg.cache_dir))
+        self.peak_flops = peak * self.group.world_size if peak else None  # MFU's denominator: every rank's device
+        self.flops_per_token = flops_per_token(cfg.backbone.n_params)
         if self.resume or self.checkpoints_dir.parent != self.run_dir:
             self._restore_checkpoint()
         self.train_model = wrap(self.model, self.group, self.runtime.device, cfg.train.distributed.value)
@@ -239,9 +243,10 @@ class FineTuningJob:
         self.train_model.train()
         started, tokens_at_start = time.perf_counter(), self.tokens_seen
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn()]
+                   TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  mfu {task.fields[mfu]}"),
+                   TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task("train", total=self.total_steps, completed=self.step, loss="-", tps="-")
+            task = progress.add_task("train", total=self.total_steps, completed=self.step, loss="-", tps="-", mfu="-")
             first_epoch, first_batch = self.position
             for epoch in range(first_epoch, hp["n_epochs"]):
                 batches = batches_for_epoch(self.train_data, hp["batch_size"], cfg.train.seed, epoch,
@@ -260,26 +265,31 @@ class FineTuningJob:
                     self.step += 1
                     elapsed = time.perf_counter() - started
                     tokens_per_second = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+                    speed = {"tokens_per_second": round(tokens_per_second, 1)}
+                    if self.peak_flops:
+                        speed["mfu"] = round(tokens_per_second * self.flops_per_token / self.peak_flops, 4)
                     row = {"step": self.step, "train_loss": round(loss, 6), "train_accuracy": round(accuracy, 6)}
                     if self.valid_data and (self.step % cfg.train.eval_every == 0 or self.step == self.total_steps):
                         row |= self.evaluate()
                     self.results.add(row)
-                    self.logger.log({k: v for k, v in row.items() if k != "step"} | {"tokens_per_second": tokens_per_second}, step=self.step)
+                    self.logger.log({k: v for k, v in row.items() if k != "step"} | speed, step=self.step)
                     self.events.add(f"Step {self.step}/{self.total_steps}: training loss={loss:.4f}", type="metrics",
-                                    data=row | {"tokens_per_second": round(tokens_per_second, 1)})
-                    progress.update(task, advance=1, loss=f"{loss:.4f}", tps=f"{tokens_per_second:,.0f}")
+                                    data=row | speed)
+                    progress.update(task, advance=1, loss=f"{loss:.4f}", tps=f"{tokens_per_second:,.0f}",
+                                    mfu=f"{speed['mfu']:.1%}" if "mfu" in speed else "-")
                     if "valid_loss" in row or not self.console.is_terminal and self.step % cfg.train.eval_every == 0:
-                        progress.console.print(self._progress_line(row, tokens_per_second, elapsed))
+                        progress.console.print(self._progress_line(row, speed, elapsed))
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
         self.wall_seconds = time.perf_counter() - started
 
-    def _progress_line(self, row: dict, tokens_per_second: float, elapsed: float) -> str:
+    def _progress_line(self, row: dict, speed: dict, elapsed: float) -> str:
         remaining = elapsed / max(self.step, 1) * (self.total_steps - self.step)
         valid = (f"  valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_mean_token_accuracy']:.3f}"
                  if "valid_loss" in row else "")
         return (f"step {self.step}/{self.total_steps}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}"
-                f"{valid}  {tokens_per_second:,.0f} tok/s  eta {remaining:.0f}s")
+                f"{valid}  {speed['tokens_per_second']:,.0f} tok/s"
+                + (f"  mfu {speed['mfu']:.1%}" if "mfu" in speed else "") + f"  eta {remaining:.0f}s")
 
     def _optimizer_step(self, batch: dict) -> tuple[float, float] | None:
         """Forward and backward over the batch (in micro-batches) and one optimizer step.
