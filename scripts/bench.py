@@ -159,21 +159,13 @@ def compose_data_cfg(cfg):
 
 def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
     """Assistant-only mean token loss on the validation file, fp32, no dropout: the same yardstick for every runner."""
-    import torch
-
-    from trainer.data.tokenize import batches_for_epoch
-    from trainer.loss import supervised_forward
+    from trainer.loss import validation_loss
 
     if not compose_data_cfg(cfg)["validation"]:
         return None
     _, dataset = reference_data(cfg, tokenizer, "validation")
     model.float().eval()  # after peak memory was read
-    loss_total, supervised = 0.0, 0
-    with torch.no_grad():
-        for batch in batches_for_epoch(dataset, 8, 0, 0, tokenizer.pad_token_id):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss_sum, n, _ = supervised_forward(model, batch)
-            loss_total, supervised = loss_total + loss_sum.item(), supervised + n
+    loss_total, supervised, _ = validation_loss(model, dataset, 8, tokenizer.pad_token_id, device)
     return loss_total / max(supervised, 1)
 
 

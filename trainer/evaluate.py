@@ -35,7 +35,7 @@ from trainer.chat import (
     open_job,
 )
 from trainer.data.jsonl import DataFileError, load_examples
-from trainer.data.tokenize import batches_for_epoch, tokenize_examples
+from trainer.data.tokenize import tokenize_examples
 from trainer.files import write_json
 from trainer.jobs import JobNotFound
 from trainer.paths import resolve_data_path
@@ -124,16 +124,11 @@ def billed_prompt_tokens(prompt, chat: bool, encoding) -> int:
 
 
 # ---- measuring -------------------------------------------------------------------------------
-@torch.no_grad()
 def loss_and_accuracy(model, dataset, pad_token_id: int, batch_size: int, device) -> dict:
     """Validation loss and mean token accuracy exactly as training reports them."""
-    from trainer.loss import supervised_forward
+    from trainer.loss import validation_loss
 
-    loss_total, supervised, correct = 0.0, 0, 0
-    for batch in batches_for_epoch(dataset, batch_size, 0, 0, pad_token_id):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, n, c = supervised_forward(model, batch)
-        loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
+    loss_total, supervised, correct = validation_loss(model, dataset, batch_size, pad_token_id, str(device))
     return {"valid_loss": loss_total / max(supervised, 1), "valid_mean_token_accuracy": correct / max(supervised, 1)}
 
 

@@ -8,7 +8,7 @@ memory: on Llama-3.1-8B (128,256-token vocabulary) a batch of 4 × 2048 would ot
 import torch
 import torch.nn.functional as F
 
-from trainer.data.tokenize import IGNORE_INDEX, model_inputs
+from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batches_for_epoch, model_inputs
 
 LOGITS_PER_CHUNK = 2**26  # fp32 logits held at once by the fused head: 256 MiB
 
@@ -103,3 +103,20 @@ def supervised_forward(model, batch: dict) -> tuple[torch.Tensor, int, int]:
     finally:
         owner.set_output_embeddings(head)
     return token_loss_and_accuracy(hidden, targets, head=head)
+
+
+@torch.no_grad()
+def validation_loss(model, dataset: TokenizedDataset, batch_size: int, pad_token_id: int, device: str,
+                    dtype: torch.dtype = torch.float32, shard: tuple[int, int] = (0, 1)) -> tuple[float, int, int]:
+    """Summed loss, supervised targets and correct predictions over `dataset` (this rank's `shard`).
+
+    What the training loop reports as valid_loss and `ftlab eval` as the validation loss: one
+    function, so the two always agree. The caller chooses eval mode; autocast runs in `dtype`.
+    """
+    loss_total, supervised, correct = 0.0, 0, 0
+    for batch in batches_for_epoch(dataset, batch_size, 0, 0, pad_token_id, shard=shard):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            loss_sum, n, c = supervised_forward(model, batch)
+        loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
+    return loss_total, supervised, correct

@@ -44,7 +44,7 @@ from trainer.distributed import (
 from trainer.files import write_json
 from trainer.flops import flops_per_token, peak_flops
 from trainer.hyperparams import SettingsError, check_job_settings, resolve_hyperparameters
-from trainer.loss import supervised_forward
+from trainer.loss import supervised_forward, validation_loss
 from trainer.model import (
     add_lora,
     apply_liger_kernels,
@@ -340,19 +340,13 @@ class FineTuningJob:
                             "train.learning_rate_multiplier, keep train.max_grad_norm, or use train.precision=fp32/bf16 "
                             "instead of fp16")
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss and mean token accuracy over the whole validation file."""
         self.train_model.eval()
-        loss_total, supervised, correct = 0.0, 0, 0
-        for batch in batches_for_epoch(self.valid_data, self.hyperparameters["batch_size"], 0, 0,
-                                       self.tokenizer.pad_token_id, shard=(self.group.rank, self.group.world_size)):
-            batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
-            with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
-                                enabled=self.runtime.dtype != torch.float32):
-                loss_sum, n, c = supervised_forward(self.train_model, batch)
-            loss_total, supervised, correct = loss_total + loss_sum.item(), supervised + n, correct + c
-        loss_total, supervised, correct = sum_across(self.group, [loss_total, supervised, correct], self.runtime.device)
+        totals = validation_loss(self.train_model, self.valid_data, self.hyperparameters["batch_size"],
+                                 self.tokenizer.pad_token_id, self.runtime.device, self.runtime.dtype,
+                                 shard=(self.group.rank, self.group.world_size))
+        loss_total, supervised, correct = sum_across(self.group, list(totals), self.runtime.device)
         self.train_model.train()
         return {"valid_loss": round(loss_total / max(supervised, 1), 6),
                 "valid_mean_token_accuracy": round(correct / max(supervised, 1), 6)}
