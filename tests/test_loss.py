@@ -1,5 +1,4 @@
 """The fused, chunked LM-head loss gives the plain loss, accuracy and gradients without whole logits."""
-import pytest
 import torch
 
 import trainer.loss

@@ -22,7 +22,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
