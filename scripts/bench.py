@@ -15,7 +15,7 @@ Each (runner, repeat) is its own subprocess, so peak RSS is per run; runners alt
   ftlab-padded   the same with train.packing=false (dynamic padding, length-grouped)
   ftlab-compiled the same as ftlab with train.compile=true (compile time included in the timing)
   ftlab-liger    the same as ftlab with train.liger_kernel=true (CUDA: Liger's RMSNorm, RoPE, SwiGLU kernels)
-  ftlab-bf16-hidden  the same as ftlab with train.fp32_hidden_states=false (residual stream in bf16 too)
+  ftlab-fp32-hidden  the same as ftlab with train.fp32_hidden_states=true (an fp32 residual stream under bf16)
   trl-defaults   SFTTrainer as a user starts it: SFTConfig defaults (gradient checkpointing, bf16 autocast,
                  dynamic padding, random order, loss on every token of the conversation)
   trl-best       SFTTrainer tuned: padding_free=True, no gradient checkpointing, assistant-only loss
@@ -62,7 +62,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "ftlab-bf16-hidden", "trl-defaults", "trl-best",
+RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "ftlab-fp32-hidden", "trl-defaults", "trl-best",
            "trl-packing"]
 DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
 
@@ -236,7 +236,7 @@ def peak_memory(device: str) -> dict:
 # ---- runners (each in its own process) -------------------------------------------------------
 FTLAB_RUNNER_OVERRIDES = {"ftlab": (), "ftlab-padded": ("train.packing=false",),
                           "ftlab-compiled": ("train.compile=true",), "ftlab-liger": ("train.liger_kernel=true",),
-                          "ftlab-bf16-hidden": ("train.fp32_hidden_states=false",)}
+                          "ftlab-fp32-hidden": ("train.fp32_hidden_states=true",)}
 
 
 def run_ftlab(args, runner: str) -> dict:

@@ -111,6 +111,9 @@ class FineTuningJob:
         self.position = (0, 0)  # (epoch, batch index) of the next batch to train on
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.job: Job | None = None  # each part exists once setup has built it (cleanup checks which)
+        self.train_model = None
+        self.logger = None
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -410,6 +413,23 @@ class FineTuningJob:
         self.events.add("No usable checkpoint: starting from step 0", level="warn")
 
     # ---- finishing ---------------------------------------------------------------------
+    def cleanup(self, status: str, error: dict | None = None, reason: str = "") -> None:
+        """Close the job however it ended, at any point of setup or training.
+
+        `cancelled` checkpoints first (so it can resume) and `failed` records `error` {code, message};
+        `succeeded` was recorded by `finish`. Then the logger is closed with the status.
+        """
+        if self.job is not None and status != "succeeded":
+            if status == "cancelled" and self.train_model is not None and self.step:
+                self.save_checkpoint()
+            self.job.finish(status, error=error)
+            if status == "cancelled":
+                self.events.add(f"Job cancelled ({reason or 'interrupted'}) at step {self.step}", level="warn")
+            else:
+                self.events.add(f"Job failed: [{error['code']}] {error['message']}", level="error")
+        if self.logger is not None:
+            self.logger.finish(status)
+
     def save_adapter(self) -> Path:
         """Write the final adapter (PEFT format) and tokenizer to `adapter/`, atomically."""
         target = self.run_dir / "adapter"
@@ -463,16 +483,16 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
         console.print(f"[red]refused[/] {escape(f'[{code}] {error}')}")
         signal.signal(signal.SIGTERM, previous_handler)
         return 1
+    status = "failed"
     try:
         job.setup()
         job.train()
         job.finish()
+        status = "succeeded"
+        job.cleanup(status)
     except (KeyboardInterrupt, JobCancelled) as stop:
-        if hasattr(job, "job"):
-            if hasattr(job, "train_model") and job.step:
-                job.save_checkpoint()
-            job.job.finish("cancelled", error=None)
-            job.events.add(f"Job cancelled ({stop or 'interrupted'}) at step {job.step}", level="warn")
+        status = "cancelled"
+        job.cleanup(status, reason=str(stop))
         console.print(f"[yellow]cancelled[/] at step {job.step}; resume with: ftlab train resume={run_dir}")
         return 130
     except Exception as error:  # noqa: BLE001 - every failure is recorded in the job before exit
@@ -480,17 +500,13 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
         message = getattr(error, "message", None) or str(error)
         if _is_out_of_memory(error):
             code, message = "out_of_memory", f"{OUT_OF_MEMORY_HELP} ({message.splitlines()[0][:200]})"
-        if hasattr(job, "job"):
-            job.job.finish("failed", error={"code": code, "message": message, "param": None})
-            job.events.add(f"Job failed: [{code}] {message}", level="error")
+        job.cleanup(status, error={"code": code, "message": message, "param": None})
         console.print(f"[red]failed[/] {escape(f'[{code}] {message}')}")
         if not isinstance(error, JobFailed) and code != "out_of_memory" and not hasattr(type(error), "code"):
             console.print_exception(max_frames=8)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        if hasattr(job, "logger"):
-            job.logger.finish(job.job.record["status"])
         lock.release()
         destroy(group)
         if not group.is_main:
