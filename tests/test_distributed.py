@@ -44,3 +44,21 @@ def test_two_gloo_processes_match_one(tmp_path, cache_dir, packing):
     assert job["status"] == "succeeded" and job["trained_tokens"] == json.loads(
         (tmp_path / "one" / "job.json").read_text())["trained_tokens"]
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_gradients_are_clipped_by_the_wrappers_whole_norm_under_fsdp():
+    import torch
+
+    from trainer.distributed import clip_gradients
+
+    layer = torch.nn.Linear(3, 1)
+    layer.weight.grad = torch.full_like(layer.weight, 4.0)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    norm = clip_gradients(layer, list(layer.parameters()), 1.0)  # a plain or DDP model: its own gradients
+    assert float(norm) == pytest.approx(48 ** 0.5) and float(layer.weight.grad.norm()) == pytest.approx(1.0, rel=1e-4)
+
+    class FullyShardedDataParallel(torch.nn.Module):  # stands in for the wrapper: its clip sees every shard
+        def clip_grad_norm_(self, max_norm):
+            return torch.tensor(float("inf"))
+
+    assert clip_gradients(FullyShardedDataParallel(), [], 1.0) == float("inf")  # every rank skips alike

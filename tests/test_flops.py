@@ -29,9 +29,10 @@ def test_a_real_measurement_is_plausible():
 
 
 def test_training_reports_mfu_beside_tokens_per_second(make_cfg, chat_files, tmp_path, monkeypatch):
+    import trainer.train
     from trainer.train import run_training
 
-    monkeypatch.setattr(trainer.flops, "measure_cpu_peak_flops", lambda dtype: 1e9)
+    monkeypatch.setattr(trainer.train, "peak_flops", lambda device, dtype, cache_dir: 1e9)
     train, valid = chat_files
     cfg = make_cfg("data=custom", f"data.train_file={train}", "train.max_steps=2", "train.batch_size=4")
     assert run_training(cfg, tmp_path / "run") == 0

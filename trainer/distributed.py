@@ -87,3 +87,15 @@ def full_parameters(module: torch.nn.Module):
 
         return FullyShardedDataParallel.summon_full_params(module, writeback=False)
     return contextlib.nullcontext()
+
+
+def clip_gradients(model: torch.nn.Module, parameters: list, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` by the norm of the whole gradient, returned; the same number on every rank.
+
+    Under FSDP each rank holds only its shard of each gradient, so the wrapper's own clipping
+    (which all-reduces the shards' norms) is the only one that sees the whole; every rank then
+    takes, or skips as non-finite, the same step. Under DDP the gradients are already whole.
+    """
+    if type(model).__name__ == "FullyShardedDataParallel":
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)

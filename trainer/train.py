@@ -35,6 +35,7 @@ from trainer.data.tokenize import (
 )
 from trainer.distributed import (
     ProcessGroup,
+    clip_gradients,
     destroy,
     full_parameters,
     init_process_group,
@@ -317,7 +318,7 @@ class FineTuningJob:
             tokens += batch_tokens(part)
         loss_total, correct_total, tokens = sum_across(self.group, [loss_total, correct_total, tokens],
                                                        self.runtime.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.cfg.train.max_grad_norm)
+        grad_norm = clip_gradients(self.train_model, self.trainable_parameters, self.cfg.train.max_grad_norm)
         if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite(loss_total, float(grad_norm))
