@@ -9,9 +9,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from tests.conftest import chat_example, write_jsonl
-from trainer.chat import (
-    chat_main,
-    complete_main,
+from trainer.chat import chat_main, complete_main
+from trainer.inference import (
     encode_chat_prompt,
     end_of_turn_ids,
     load_model,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_chat import tiny_chat_job, use_cfg  # noqa: F401 - the fixture
-from trainer.chat import open_job
+from trainer.inference import open_job
 from trainer.export import export_main, export_merged
 
 

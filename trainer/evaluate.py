@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from trainer.chat import (
+from trainer.inference import (
     encode_chat_prompt,
     encode_completion_prompt,
     generate_batch,

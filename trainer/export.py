@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from trainer.chat import (
+from trainer.inference import (
     encode_chat_prompt,
     encode_completion_prompt,
     end_of_turn_ids,
