@@ -63,3 +63,17 @@ def test_preset_composes_and_targets_fit_their_signatures(group, preset):
             inspect.signature(target).bind_partial(**dict.fromkeys(arguments))
         except TypeError as error:
             pytest.fail(f"{group}={preset}: {path} → {node._target_}: {error}")
+
+
+@pytest.mark.parametrize("preset,schema_class", [("train/default", "TrainConfig"), ("eval/default", "EvalConfig"),
+                                                 ("generation/default", "GenerationConfig")])
+def test_the_default_presets_and_the_schema_state_the_same_defaults(preset, schema_class):
+    import trainer.schema
+
+    written = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / f"{preset}.yaml"))
+    typed = OmegaConf.to_container(OmegaConf.structured(getattr(trainer.schema, schema_class)), enum_to_str=True)
+    written.pop("instructions", None)  # eval's long prompts are content, kept in the YAML alone
+    drift = {key: (value, typed.get(key, "<not in the schema>")) for key, value in written.items()
+             if typed.get(key, "<not in the schema>") != value}
+    assert not drift, f"conf/{preset}.yaml and trainer/schema.py disagree (yaml, schema): {drift}"
+    assert set(typed) - set(written) <= {"instructions"}, "a schema key missing from the preset"
