@@ -295,7 +295,7 @@ def trl_plan(args, variant: str) -> dict:
     tokenizer = load_tokenizer(cfg)
     rows = [{"messages": [{"role": m["role"], "content": m.get("content") or ""} for m in ex["messages"]]}
             for _, ex in load_examples(resolve_data_path(cfg.data.train_file))]
-    lora = cfg.train.lora
+    lora = cfg.lora
     settings = dict(max_length=args.max_length, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                     seed=args.seed, data_seed=args.seed, learning_rate=cfg.train.base_learning_rate, warmup_steps=0,
                     weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.train.max_grad_norm, logging_steps=1,
@@ -607,7 +607,7 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ["steps", "batch_size", "max_length", "repeats", "seed", "backbone", "data",
                                                "train", "device", "quantization", "precision", "override", "fill_length"]}
     settings["learning_rate"] = cfg.train.base_learning_rate
-    settings["lora"] = dict(cfg.train.lora) | {"target_modules": list(cfg.train.lora.target_modules or cfg.backbone.lora_target_modules)}
+    settings["lora"] = dict(cfg.lora) | {"target_modules": list(cfg.lora.target_modules or cfg.backbone.lora_target_modules)}
     out = Path(args.out) if args.out else (
         REPO / "benchmarks" / "results" / f"{args.device}-{args.backbone.split('-')[0]}-{dt.date.today():%Y-%m-%d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def test_two_gloo_processes_match_one(tmp_path, cache_dir, packing):
     valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(f"Check {i}?", f"Yes {i}") for i in range(5)])
     args = ["train", "backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32", "moderation=off", "data=custom",
             f"data.train_file={train}", f"data.validation_file={valid}", "train.n_epochs=2", "train.batch_size=4",
-            "train.lora.dropout=0.0", "train.eval_every=2", "train.checkpoint_every=3", f"train.packing={packing}",
+            "lora.dropout=0.0", "train.eval_every=2", "train.checkpoint_every=3", f"train.packing={packing}",
             f"cache_dir={cache_dir}"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     single = subprocess.run([str(BIN / "ftlab"), *args, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env,

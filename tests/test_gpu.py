@@ -38,7 +38,7 @@ def qlora_args(train_file: Path, cache_dir: str, *extra: str, preset: str = "qlo
     """Overrides for a QLoRA job (train=qlora: NF4 + double quantization, bf16, paged 8-bit AdamW) on the small Llama."""
     device = [] if DEVICE == "cuda" else ["train.device=cpu"]
     return [f"train={preset}", *SMALL_LLAMA, *device, "logger=none", "moderation=off", "data=custom",
-            f"data.train_file={train_file}", "train.lora.dropout=0.0", f"cache_dir={cache_dir}", *extra]
+            f"data.train_file={train_file}", "lora.dropout=0.0", f"cache_dir={cache_dir}", *extra]
 
 
 def compose_job(*overrides: str):

@@ -157,3 +157,18 @@ def test_job_config_comes_back_typed_with_the_commands_settings(make_cfg, tmp_pa
     (run_dir / ".hydra" / "config.yaml").unlink()
     with pytest.raises(JobNotFound, match="composed config is missing"):
         load_job_config(resolve_job(str(run_dir)), command)
+
+
+def test_a_job_recorded_before_the_lora_optim_and_scheduler_groups_still_loads(tmp_path):
+    from omegaconf import OmegaConf
+
+    from trainer.jobs import JobRef, load_job_config
+
+    (tmp_path / ".hydra").mkdir()
+    old = {"backbone": {"name": "tiny-llama", "load": {"_target_": "trainer.backbones.tiny_llama"}},
+           "train": {"lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": None},
+                     "weight_decay": 0.01, "warmup_ratio": 0.1, "max_steps": 3}}
+    OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
+    cfg = load_job_config(JobRef(record={}, run_dir=tmp_path, adapter_dir=tmp_path / "adapter"))
+    assert cfg.lora.r == 8 and cfg.lora.dropout == 0.05 and cfg.train.max_steps == 3
+    assert cfg.optim.weight_decay == 0.01 and cfg.scheduler.warmup_ratio == 0.1

@@ -27,7 +27,7 @@ def test_chunked_head_matches_plain_cross_entropy_in_loss_accuracy_and_gradient(
 def test_a_job_forward_is_fused_and_equal_to_the_plain_one(make_cfg, monkeypatch):
     from trainer.model import Runtime, add_lora, load_base_model, load_tokenizer
 
-    cfg = make_cfg("train.lora.dropout=0")
+    cfg = make_cfg("lora.dropout=0")
     tokenizer = load_tokenizer(cfg)
     rows = [{"messages": [{"role": "user", "content": "fox " * (i + 2)}, {"role": "assistant", "content": "dog " * (i + 1)}]}
             for i in range(3)]

@@ -17,7 +17,7 @@ def lora_gradients(model, batch) -> dict[str, torch.Tensor]:
 
 
 def test_lora_gradients_survive_an_eval_pass_on_nf4(make_cfg):
-    cfg = make_cfg("train.quantization=nf4", "train.lora.dropout=0.0")
+    cfg = make_cfg("train.quantization=nf4", "lora.dropout=0.0")
     runtime = Runtime(device="cpu", dtype=torch.float32, quantization="nf4")
     torch.manual_seed(0)
     model = add_lora(load_base_model(cfg, runtime), cfg, runtime)

@@ -195,7 +195,7 @@ def test_liger_keeps_ftlabs_own_loss(make_cfg, monkeypatch):
 def test_compiled_layers_train_like_eager_ones(make_cfg, chat_files, tmp_path):
     losses = {}
     for compiled in ["false", "true"]:
-        cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2", "train.lora.dropout=0", f"train.compile={compiled}")
+        cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2", "lora.dropout=0", f"train.compile={compiled}")
         job = FineTuningJob(cfg, tmp_path / compiled)
         job.setup()
         layers = [m for m in job.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
@@ -215,7 +215,7 @@ def test_micro_batches_split_packed_rows_and_train_the_same(make_cfg, chat_files
     losses, rows = {}, {}
     for micro in ["null", "1"]:
         rows_per_forward.clear()
-        cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2", "train.lora.dropout=0", "train.packing=true",
+        cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2", "lora.dropout=0", "train.packing=true",
                         "train.max_length=64", f"train.micro_batch_size={micro}", "data.validation_file=null")
         assert run_training(cfg, tmp_path / micro) == 0
         losses[micro], rows[micro] = [float(r["train_loss"]) for r in read_results(tmp_path / micro)], list(rows_per_forward)

@@ -139,6 +139,20 @@ def require_adapter(job: JobRef) -> JobRef:
     return job
 
 
+def upgrade_recorded_config(recorded):
+    """A job config recorded before LoRA, the optimizer and the schedule had their own groups, in today's shape
+    (`train.lora` → `lora`, `train.weight_decay` → `optim`, `train.warmup_ratio` → `scheduler`)."""
+    train = recorded.get("train") or {}
+    if "lora" in train:
+        recorded.lora = train.pop("lora")
+    if "weight_decay" in train:
+        recorded.optim = {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": train.pop("weight_decay")}
+    if "warmup_ratio" in train:
+        recorded.scheduler = {"_target_": "trainer.train.warmup_schedule", "_partial_": True, "name": "linear",
+                              "warmup_ratio": train.pop("warmup_ratio")}
+    return recorded
+
+
 def load_job_config(job: JobRef, command_cfg=None, overrides: tuple[str, ...] = ()):
     """The job's composed config, typed again (enums are enums), with the command's own settings on top.
 
@@ -153,7 +167,7 @@ def load_job_config(job: JobRef, command_cfg=None, overrides: tuple[str, ...] = 
     if not path.is_file():
         raise JobNotFound(f"{path}: the job's composed config is missing, so its backbone and chat template "
                           "cannot be known; was this run dir made by `ftlab train`?")
-    cfg = OmegaConf.merge(OmegaConf.structured(FtlabConfig), OmegaConf.load(path))
+    cfg = OmegaConf.merge(OmegaConf.structured(FtlabConfig), upgrade_recorded_config(OmegaConf.load(path)))
     if command_cfg is not None:
         for key in COMMAND_KEYS:
             if key in command_cfg:

@@ -264,7 +264,7 @@ def add_lora(model, cfg: DictConfig, runtime: Runtime):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
     model.config.use_cache = False  # training forwards must not build a KV cache
-    lora = cfg.train.lora
+    lora = cfg.lora
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

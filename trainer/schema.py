@@ -92,7 +92,6 @@ class TrainConfig:
     seed: int = 42
     max_steps: Optional[int] = None  # stop after this many optimizer steps (null: all epochs)
     max_length: Optional[int] = None  # tokens per example; null: the model family's context_length
-    lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: Quantization = Quantization.auto
     precision: Precision = Precision.auto
     device: Device = Device.auto
@@ -170,6 +169,7 @@ class FtlabConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     optim: Any = None  # a _partial_ _target_ node (conf/optim/): called with the LoRA parameters and lr
     scheduler: Any = None  # a _partial_ _target_ node (conf/scheduler/): called with the optimizer and total steps

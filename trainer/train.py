@@ -458,7 +458,7 @@ class FineTuningJob:
 OUT_OF_MEMORY_HELP = (
     "out of memory. Knobs that help, roughly in order: train.micro_batch_size=1 (or a smaller train.batch_size), "
     "train.gradient_checkpointing=true, train.max_length=1024 (shorter examples), train.quantization=nf4 "
-    "(4-bit backbone), train.lora.r=8, a smaller backbone"
+    "(4-bit backbone), lora.r=8, a smaller backbone"
 )
 
 
