@@ -10,8 +10,8 @@ from trainer.cost import (
     estimate_from_token_counts,
     estimate_job,
     get_encoding,
-    resolve_n_epochs,
 )
+from trainer.hyperparams import resolve_n_epochs
 from trainer.schema import DataFormat, FtlabConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -14,18 +14,12 @@ import os
 import shutil
 from typing import Any, Iterable, Optional
 
+from trainer.hyperparams import resolve_n_epochs
 from trainer.schema import DataFormat
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 TOKENS_PER_EXAMPLE = 3  # every reply is primed with <|start|>assistant<|message|>
-
-# Hosted auto-epochs rule: target 3 epochs, kept between 100 and 25,000 example-passes.
-TARGET_EPOCHS = 3
-MIN_TARGET_EXAMPLES = 100
-MAX_TARGET_EXAMPLES = 25_000
-MIN_DEFAULT_EPOCHS = 1
-MAX_DEFAULT_EPOCHS = 25
 
 # Local throughput model (used when pricing.local_tokens_per_second is null): LoRA on a
 # frozen base costs ~4·N FLOPs per token (forward 2N + backward through activations 2N;
@@ -114,38 +108,6 @@ def count_assistant_tokens(example: dict, fmt: DataFormat, encoding) -> int:
         for m in messages
         if isinstance(m, dict) and m.get("role") == "assistant"
     )
-
-
-def resolve_n_epochs(requested: Any, n_examples: int) -> int:
-    """`train.n_epochs` as the hosted service resolves it: an int as given, `auto` by the rule.
-
-    auto: 3 epochs, but at least 100 and at most 25,000 example-passes, i.e.
-    n·3 < 100 → min(25, 100 // n); n·3 > 25,000 → max(1, 25,000 // n).
-    """
-    if isinstance(requested, str) and requested.strip().lower() == "auto":
-        n_epochs = TARGET_EPOCHS
-        if n_examples <= 0:
-            return n_epochs
-        if n_epochs * n_examples < MIN_TARGET_EXAMPLES:
-            n_epochs = min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // n_examples)
-        elif n_epochs * n_examples > MAX_TARGET_EXAMPLES:
-            n_epochs = max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
-        return n_epochs
-    try:
-        if isinstance(requested, bool):
-            raise ValueError
-        value = float(requested)
-        if not value.is_integer():
-            raise ValueError
-        n_epochs = int(value)
-    except (TypeError, ValueError):
-        n_epochs = None
-    if n_epochs is None or not 1 <= n_epochs <= 50:
-        raise ValueError(
-            f"train.n_epochs={requested!r} is not valid — use `auto` or a whole number from 1 to 50 "
-            f"(e.g. train.n_epochs=3)"
-        )
-    return n_epochs
 
 
 def price_row(cfg) -> Any:

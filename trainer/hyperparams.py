@@ -5,6 +5,12 @@ import re
 
 MAX_AUTO_BATCH_SIZE = 256
 MIN_AUTO_BATCH_SIZE = 4
+# the hosted auto-epochs rule: 3 epochs, kept between 100 and 25,000 example-passes
+TARGET_EPOCHS = 3
+MIN_TARGET_EXAMPLES = 100
+MAX_TARGET_EXAMPLES = 25_000
+MIN_DEFAULT_EPOCHS = 1
+MAX_DEFAULT_EPOCHS = 25
 
 
 def _positive(value, key: str, kind):
@@ -15,6 +21,38 @@ def _positive(value, key: str, kind):
     if number is None or number <= 0 or (kind is int and float(value) != number):
         raise ValueError(f"{key}={value!r} is not valid: use auto or a positive {kind.__name__}")
     return number
+
+
+def resolve_n_epochs(requested, n_examples: int) -> int:
+    """`train.n_epochs` as the hosted service resolves it: an int as given, `auto` by the rule.
+
+    auto: 3 epochs, but at least 100 and at most 25,000 example-passes, i.e.
+    n·3 < 100 → min(25, 100 // n); n·3 > 25,000 → max(1, 25,000 // n).
+    """
+    if isinstance(requested, str) and requested.strip().lower() == "auto":
+        n_epochs = TARGET_EPOCHS
+        if n_examples <= 0:
+            return n_epochs
+        if n_epochs * n_examples < MIN_TARGET_EXAMPLES:
+            n_epochs = min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // n_examples)
+        elif n_epochs * n_examples > MAX_TARGET_EXAMPLES:
+            n_epochs = max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
+        return n_epochs
+    try:
+        if isinstance(requested, bool):
+            raise ValueError
+        value = float(requested)
+        if not value.is_integer():
+            raise ValueError
+        n_epochs = int(value)
+    except (TypeError, ValueError):
+        n_epochs = None
+    if n_epochs is None or not 1 <= n_epochs <= 50:
+        raise ValueError(
+            f"train.n_epochs={requested!r} is not valid — use `auto` or a whole number from 1 to 50 "
+            f"(e.g. train.n_epochs=3)"
+        )
+    return n_epochs
 
 
 def resolve_batch_size(requested, n_examples: int) -> int:
@@ -55,8 +93,6 @@ class SettingsError(ValueError):
 
 def check_job_settings(cfg) -> None:
     """Refuse a bad `suffix` or hyperparameter at the start of a verb, before files or models are read."""
-    from trainer.cost import resolve_n_epochs
-
     suffix = cfg.get("suffix")
     if suffix is not None and not SUFFIX.fullmatch(str(suffix)):
         raise SettingsError("invalid_suffix", f"suffix={suffix!r} is not valid: up to 64 letters, digits, '-', '_' "

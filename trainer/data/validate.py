@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from trainer.cost import as_format, count_assistant_tokens, count_example_tokens
-from trainer.data.jsonl import DataFileError, iter_jsonl, split_error
+from trainer.data.jsonl import FIXES as LINE_FIXES, DataFileError, iter_jsonl, split_error
 from trainer.schema import DataFormat
 
 ROLES = ("system", "user", "assistant", "function")
@@ -29,10 +29,7 @@ HOSTED_MIN_EXAMPLES = 10  # the hosted service refuses fewer
 RECOMMENDED_MIN_EXAMPLES = 50  # OpenAI: clear improvements from 50 to 100 examples
 MAX_LISTED_PER_CODE = 50  # issues listed per (file, code); the rest are counted
 
-FIXES = {
-    "invalid_json": "make the line one complete JSON object",
-    "invalid_utf8": "save the file as UTF-8",
-    "line_too_long": "shorten or split the example",
+FIXES = LINE_FIXES | {  # one table: reading a line (jsonl.py) and checking what it holds
     "data_type": 'each line must be a JSON object such as {"messages": [...]}',
     "missing_messages_list": 'give the example a non-empty "messages" list',
     "message_missing_key": 'every message needs "role" and "content"',
