@@ -120,7 +120,9 @@ def resolve_job(reference: str, root: Optional[str] = None) -> JobRef:
         raise JobNotFound(f"job={reference}: no such job {where}; `ftlab jobs list` shows the jobs there")
     job = _unique(matches, reference)
     if checkpoint_step is not None:
-        adapter = job.run_dir / "checkpoints" / f"step-{checkpoint_step:06d}" / "adapter"
+        from trainer.checkpoints import checkpoint_path
+
+        adapter = checkpoint_path(job.run_dir / "checkpoints", checkpoint_step) / "adapter"
         if not adapter.is_dir():
             kept = ", ".join(c["fine_tuned_model_checkpoint"] for c in list_checkpoints(job)) or "none"
             raise JobNotFound(f"job={reference}: checkpoint not kept; kept checkpoints: {kept}")
@@ -222,7 +224,9 @@ def list_checkpoints(job: JobRef) -> list[dict]:
         with open(job.run_dir / "results.csv", newline="") as handle:
             metrics = {int(row["step"]): row for row in csv.DictReader(handle) if row.get("step")}
     checkpoints = []
-    for path in sorted(folder.glob("step-*"), reverse=True) if folder.is_dir() else []:
+    from trainer.checkpoints import newest_first
+
+    for path in newest_first(folder):
         if not (path / "adapter").is_dir() or not path.name[5:].isdigit():
             continue
         step = int(path.name[5:])

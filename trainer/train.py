@@ -25,6 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from trainer import checkpoints
 from trainer.data.cache import tokenize_file
 from trainer.data.jsonl import DataFileError, check_file
 from trainer.data.tokenize import (
@@ -357,38 +358,26 @@ class FineTuningJob:
 
     # ---- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step-N/` atomically: adapter, optimizer, scheduler, RNG states, data position.
-
-        Keeps the newest `train.keep_checkpoints`.
-        """
-        folder = self.checkpoints_dir
-        target = folder / f"step-{self.step:06d}"
+        """Write `checkpoints/step-N/` (adapter, optimizer, scheduler, RNG states, data position); keep the newest
+        `train.keep_checkpoints`."""
+        target = checkpoints.checkpoint_path(self.checkpoints_dir, self.step)
         with full_parameters(self.train_model):
             if not self.group.is_main or target.exists():
                 return target
-            folder.mkdir(exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
-            self.model.save_pretrained(staging / "adapter")
-        torch.save({"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
-                    "nonfinite_total": self.nonfinite_total, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "python_rng": random.getstate()}, staging / "trainer_state.pt")
-        staging.rename(target)
+            staging = checkpoints.stage_adapter(self.checkpoints_dir, self.model)
+        loop_state = {"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
+                      "nonfinite_total": self.nonfinite_total}
+        checkpoints.commit(staging, target, loop_state, self.optimizer, self.scheduler, self.cfg.train.keep_checkpoints)
         self.events.add(f"Checkpoint saved at step {self.step}", data={"path": str(target), "step": self.step})
-        for old in sorted(folder.glob("step-*"))[: -self.cfg.train.keep_checkpoints or None]:
-            shutil.rmtree(old, ignore_errors=True)
         return target
 
     def _restore_checkpoint(self) -> None:
         """Load the newest checkpoint that reads back whole; skip broken ones with a warning."""
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        for folder in sorted(self.checkpoints_dir.glob("step-*"), reverse=True):
+        for folder in checkpoints.newest_first(self.checkpoints_dir):
             try:
-                adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
-                state = torch.load(folder / "trainer_state.pt", weights_only=False)
+                adapter, state = checkpoints.read(folder)
                 set_peft_model_state_dict(self.model, adapter)
                 if self.group.enabled and self.cfg.train.distributed.value == "fsdp":
                     # rank 0's optimizer state covers only its shard; the moments restart
@@ -401,10 +390,7 @@ class FineTuningJob:
                                 level="warn")
                 self.console.print(f"[yellow]warning[/] skipped unreadable checkpoint {folder.name} ({error})")
                 continue
-            torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            random.setstate(state["python_rng"])
+            checkpoints.restore_rng(state)
             self.step, self.position = state["step"], tuple(state["position"])
             self.tokens_seen, self.nonfinite_total = state["tokens_seen"], state["nonfinite_total"]
             self.results.load(until_step=self.step)
