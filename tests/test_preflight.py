@@ -233,3 +233,29 @@ def test_markup_like_text_in_data_is_printed_verbatim(tmp_path):
     assert validate(cfg_for(train), tmp_path / "run", out) == 1
     text = out.export_text(clear=False)
     assert "'[/bold]'" in text and "[red]x[/oops]" in text
+
+
+def test_a_job_opens_its_training_file_once_for_checks_and_screen_once_to_hash_once_to_tokenize(
+        make_cfg, chat_files, tmp_path, monkeypatch):
+    import builtins
+    import io
+    import traceback
+
+    from trainer.train import run_training
+
+    train, valid = chat_files
+    opened, real_open = [], builtins.open
+
+    def spy(file, *args, **kwargs):
+        if str(file) == str(train):
+            opened.append(traceback.extract_stack(limit=4)[0].name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    cfg = make_cfg("data=custom", f"data.train_file={train}", f"data.validation_file={valid}", "moderation=lexicon",
+                   "train.max_steps=1", f"cache_dir={tmp_path / 'cache'}")
+    assert run_training(cfg, tmp_path / "run") == 0
+    # the validator's pass feeds the content screen and the token counts; the hash is computed once
+    # per process; tokenizing reads the file once more (a later job reads the tokenization cache instead)
+    assert len(opened) == 3, opened

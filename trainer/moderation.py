@@ -269,23 +269,44 @@ class ModerationReport:
         return {**self.summary(), "flagged": self.flagged}
 
 
-def screen_file(screen: Screen, path: Path) -> list[tuple[int, list[str], Any]]:
-    """(line, categories, example) for each flagged example of a file; unparseable lines are skipped."""
-    flagged, batch = [], []
+def screens_anything(screen: Screen) -> bool:
+    """Whether `screen` looks at the data at all (its action is not `off`)."""
+    return _action(screen.action) != "off"
 
-    def flush():
-        for (line, example), categories in zip(batch, screen.screen_examples([e for _, e in batch])):
+
+class FileScreen:
+    """Screens one file's examples as a reading pass hands them over (`add`), in batches; `flagged()`
+    returns (line, categories, example) for each flagged one. The validator's pass feeds it, so the
+    file is read once for both."""
+
+    def __init__(self, screen: Screen):
+        self.screen = screen
+        self.batch: list[tuple[int, Any]] = []
+        self.hits: list[tuple[int, list[str], Any]] = []
+
+    def add(self, line: int, example: Any) -> None:
+        self.batch.append((line, example))
+        if len(self.batch) >= BATCH_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        for (line, example), categories in zip(self.batch, self.screen.screen_examples([e for _, e in self.batch])):
             if categories:
-                flagged.append((line, categories, example))
-        batch.clear()
+                self.hits.append((line, categories, example))
+        self.batch.clear()
 
+    def flagged(self) -> list[tuple[int, list[str], Any]]:
+        self._flush()
+        return self.hits
+
+
+def screen_file(screen: Screen, path: Path) -> list[tuple[int, list[str], Any]]:
+    """(line, categories, example) for each flagged example of a file read on its own; unparseable lines are skipped."""
+    collector = FileScreen(screen)
     for line, example, error in iter_jsonl(path):
         if error is None:
-            batch.append((line, example))
-            if len(batch) >= BATCH_SIZE:
-                flush()
-    flush()
-    return flagged
+            collector.add(line, example)
+    return collector.flagged()
 
 
 def _write_without(path: Path, lines: set, out: Path) -> Path:
@@ -300,8 +321,11 @@ def _write_without(path: Path, lines: set, out: Path) -> Path:
     return out
 
 
-def screen_files(screen: Screen, files: dict, run_dir: Path) -> ModerationReport:
+def screen_files(screen: Screen, files: dict, run_dir: Path, hits: Optional[dict] = None) -> ModerationReport:
     """Screen {kind: path} files, apply the action, and write moderation.json in `run_dir`.
+
+    `hits` {kind: FileScreen.flagged()} are the findings of a pass that already read the files
+    (the validator's); a file without them is read and screened here.
 
     With action `drop`, each file with flagged lines is rewritten without them to
     `<run_dir>/<kind>.screened.jsonl` and the flagged examples go to
@@ -313,13 +337,13 @@ def screen_files(screen: Screen, files: dict, run_dir: Path) -> ModerationReport
         return report
     dropped = []
     for kind, path in files.items():
-        hits = screen_file(screen, Path(path))
-        for line, categories, example in hits:
+        found = hits[kind] if hits and kind in hits else screen_file(screen, Path(path))
+        for line, categories, example in found:
             report.flagged.append({"file": str(path), "kind": kind, "line": line, "categories": categories})
             dropped.append({"file": str(path), "line": line, "categories": categories, "example": example})
-        if report.action == "drop" and hits:
+        if report.action == "drop" and found:
             report.screened_files[kind] = _write_without(
-                Path(path), {line for line, _, _ in hits}, run_dir / f"{kind}.screened.jsonl")
+                Path(path), {line for line, _, _ in found}, run_dir / f"{kind}.screened.jsonl")
     if report.action == "drop" and dropped:
         report.dropped_file = run_dir / "moderation.dropped.jsonl"
         with atomic_writer(report.dropped_file) as handle:

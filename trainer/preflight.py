@@ -36,7 +36,7 @@ from trainer.data.validate import (
     validate_files,
 )
 from trainer.files import write_json
-from trainer.moderation import NoScreen, Screen, flagged_issues, screen_files
+from trainer.moderation import FileScreen, NoScreen, Screen, flagged_issues, screen_files, screens_anything
 from trainer.paths import resolve_data_path
 
 EXIT_OK, EXIT_DATA_ERRORS, EXIT_BAD_INPUT = 0, 1, 2
@@ -103,13 +103,18 @@ def run_validate(cfg, run_dir: Path, console: Console) -> ValidationReport:
     run_dir.mkdir(parents=True, exist_ok=True)
     files = data_files(cfg)
     encoding = cost.get_encoding(cfg.model.encoding)
-    with _progress(console) as progress:
+    screen = build_screen(cfg.get("moderation"))
+    screening = screens_anything(screen)
+    readers = {kind: FileScreen(screen) for kind in files} if screening else {}
+    with _progress(console) as progress:  # one pass over each file: the checks and the content screen
         tasks = {kind: progress.add_task(f"validate {kind}", total=_size(path)) for kind, path in files.items()}
         report = validate_files(files, cfg.model.format, encoding, cfg.model.context_length,
-                                on_bytes=lambda kind, n: progress.update(tasks[kind], completed=n))
+                                on_bytes=lambda kind, n: progress.update(tasks[kind], completed=n),
+                                on_example=(lambda kind, line, example: readers[kind].add(line, example))
+                                if screening else None)
     if report.file_error is None:
-        screen = build_screen(cfg.get("moderation"))
-        report.moderation = screen_files(screen, files, run_dir)
+        report.moderation = screen_files(screen, files, run_dir,
+                                         hits={kind: reader.flagged() for kind, reader in readers.items()})
         issues, per_file = [], {}
         for file, line, message in flagged_issues(report.moderation):
             per_file[file] = per_file.get(file, 0) + 1

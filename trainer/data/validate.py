@@ -281,9 +281,11 @@ def validate_file(
     kind: str = "train",
     train_digests: Optional[dict] = None,
     on_bytes: Optional[Callable[[int], None]] = None,
+    on_example: Optional[Callable[[int, Any], None]] = None,
 ) -> FileReport:
     """Stream and check one file. Never raises for bad content; a file-level problem
-    (missing, directory, empty) is recorded in `file_error` and as an error."""
+    (missing, directory, empty) is recorded in `file_error` and as an error. `on_example(line,
+    example)` sees every line that parses (the content screen reads along)."""
     fmt = as_format(fmt)
     report = FileReport(Path(path), kind, fmt, int(context_length))
     check_errors, check_warnings = (
@@ -299,6 +301,8 @@ def validate_file(
                 code, what = split_error(error)
                 report.add("error", line, code, what)
                 continue
+            if on_example is not None:
+                on_example(line, example)
             errors = check_errors(example)
             for code, what in errors:
                 report.add("error", line, code, what)
@@ -401,14 +405,17 @@ def validate_files(
     context_length: int,
     *,
     on_bytes: Optional[Callable[[str, int], None]] = None,
+    on_example: Optional[Callable[[str, int, Any], None]] = None,
 ) -> ValidationReport:
-    """Check {kind: path} files (train first, then validation against it)."""
+    """Check {kind: path} files (train first, then validation against it); `on_example(kind, line, example)`
+    sees every parsed line of every file in the same pass."""
     reports = []
     train_digests = None
     for kind, path in files.items():
         callback = (lambda n, kind=kind: on_bytes(kind, n)) if on_bytes else None
+        reader = (lambda line, example, kind=kind: on_example(kind, line, example)) if on_example else None
         report = validate_file(path, fmt, encoding, context_length, kind=kind,
-                               train_digests=train_digests, on_bytes=callback)
+                               train_digests=train_digests, on_bytes=callback, on_example=reader)
         if kind == "train":
             train_digests = report.digests
         reports.append(report)
