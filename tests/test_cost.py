@@ -5,12 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from trainer import cost
-from trainer.cost import (
-    count_example_tokens,
-    estimate_from_token_counts,
-    estimate_job,
-    get_encoding,
-)
+from trainer.cost import estimate_from_token_counts, estimate_job
+from trainer.data.tokens import count_example_tokens, get_encoding
 from trainer.hyperparams import resolve_n_epochs
 from trainer.schema import DataFormat, FtlabConfig
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from trainer import preflight
-from trainer.cost import get_encoding
+from trainer.data.tokens import get_encoding
 from trainer.preflight import (
     PreflightError,
     estimate,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer.cost import get_encoding
+from trainer.data.tokens import get_encoding
 from trainer.data.validate import (
     FIXES,
     MAX_LISTED_PER_CODE,

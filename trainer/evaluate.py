@@ -116,7 +116,7 @@ def without_instructions(prompt, chat: bool):
 
 def billed_prompt_tokens(prompt, chat: bool, encoding) -> int:
     """Input tokens the hosted API bills for this prompt (cookbook counting, reply priming included)."""
-    from trainer.cost import count_example_tokens
+    from trainer.data.tokens import count_example_tokens
 
     fmt = DataFormat.chat if chat else DataFormat.prompt_completion
     return count_example_tokens({"messages": prompt} if chat else {"prompt": prompt, "completion": ""}, fmt, encoding)
@@ -154,7 +154,8 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
         return generate_batch(loaded, [encode(p) for p in prompt_list], max_new_tokens=eval_cfg.max_new_tokens,
                               batch_size=eval_cfg.batch_size)
 
-    from trainer.cost import get_encoding, price_row
+    from trainer.cost import price_row
+    from trainer.data.tokens import get_encoding
 
     encoding = get_encoding(cfg.model.encoding)
     prices = price_row(cfg)

@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from trainer import cost
+from trainer.data import tokens
 from trainer.data.jsonl import DataFileError, iter_jsonl
 from trainer.data.validate import (
     MAX_LISTED_PER_CODE,
@@ -102,7 +103,7 @@ def run_validate(cfg, run_dir: Path, console: Console) -> ValidationReport:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     files = data_files(cfg)
-    encoding = cost.get_encoding(cfg.model.encoding)
+    encoding = tokens.get_encoding(cfg.model.encoding)
     screen = build_screen(cfg.get("moderation"))
     screening = screens_anything(screen)
     readers = {kind: FileScreen(screen) for kind in files} if screening else {}
@@ -212,8 +213,8 @@ def print_report(report: ValidationReport, console: Console) -> None:
 
 def count_file_tokens(path: Path, cfg, console: Console, *, skip_lines: frozenset = frozenset()) -> tuple[list, int]:
     """(token counts, number of unparseable lines) for a file, with a progress bar."""
-    encoding = cost.get_encoding(cfg.model.encoding)
-    fmt = cost.as_format(cfg.model.format)
+    encoding = tokens.get_encoding(cfg.model.encoding)
+    fmt = tokens.as_format(cfg.model.format)
     counts, n_bad = [], 0
     with _progress(console) as progress:
         task = progress.add_task(f"count {Path(path).name}", total=_size(Path(path)))
@@ -221,7 +222,7 @@ def count_file_tokens(path: Path, cfg, console: Console, *, skip_lines: frozense
             if error is not None:
                 n_bad += 1
             elif line not in skip_lines:
-                counts.append(cost.count_example_tokens(example, fmt, encoding))
+                counts.append(tokens.count_example_tokens(example, fmt, encoding))
     return counts, n_bad
 
 

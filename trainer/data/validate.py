@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from trainer.cost import as_format, count_assistant_tokens, count_example_tokens
+from trainer.data.tokens import as_format, count_assistant_tokens, count_example_tokens
 from trainer.data.jsonl import FIXES as LINE_FIXES, DataFileError, iter_jsonl, split_error
 from trainer.schema import DataFormat
 
