@@ -97,12 +97,13 @@ def _size(path: Path) -> Optional[int]:
 
 # --- validate -------------------------------------------------------------------------------
 
-def run_validate(cfg, run_dir: Path, console: Console) -> ValidationReport:
+def run_validate(cfg, run_dir: Path, console: Console, files: Optional[dict] = None) -> ValidationReport:
     """Check the data files and screen them; write validation.json, token_lengths.png and
-    moderation.json in `run_dir`; print the findings. Never raises for bad data."""
+    moderation.json in `run_dir`; print the findings. Never raises for bad data. `files` as
+    `data_files(cfg)` resolved them (resolved here when not given)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    files = data_files(cfg)
+    files = files or data_files(cfg)
     encoding = tokens.get_encoding(cfg.model.encoding)
     screen = build_screen(cfg.get("moderation"))
     screening = screens_anything(screen)
@@ -226,7 +227,8 @@ def count_file_tokens(path: Path, cfg, console: Console, *, skip_lines: frozense
     return counts, n_bad
 
 
-def run_estimate(cfg, run_dir: Path, console: Console, report: Optional[ValidationReport] = None) -> dict:
+def run_estimate(cfg, run_dir: Path, console: Console, report: Optional[ValidationReport] = None,
+                 files: Optional[dict] = None) -> dict:
     """Price the job; write estimate.json in `run_dir` and print it.
 
     Reuses the token counts of `report` when given (after moderation drops); otherwise
@@ -235,7 +237,7 @@ def run_estimate(cfg, run_dir: Path, console: Console, report: Optional[Validati
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    files = data_files(cfg)
+    files = files or data_files(cfg)
     dropped = {}
     if report is not None and report.moderation is not None and report.moderation.action == "drop":
         for f in report.moderation.flagged:
@@ -303,9 +305,11 @@ def print_estimate(estimate: dict, console: Console) -> None:
 
 # --- train ----------------------------------------------------------------------------------
 
-def run_preflight(cfg, run_dir: Path, console: Console) -> Preflight:
-    """Validate, screen and estimate in `run_dir`; raise PreflightError if the job may not start."""
-    report = run_validate(cfg, run_dir, console)
+def run_preflight(cfg, run_dir: Path, console: Console, files: Optional[dict] = None) -> Preflight:
+    """Validate, screen and estimate `files` (default: `data_files(cfg)`) in `run_dir`; raise
+    PreflightError if the job may not start."""
+    files = files or data_files(cfg)
+    report = run_validate(cfg, run_dir, console, files)
     if report.errors:
         first = report.errors[0]
         n = len(report.errors)
@@ -313,7 +317,7 @@ def run_preflight(cfg, run_dir: Path, console: Console) -> Preflight:
         where = f"{first.file}:{first.line}" if first.line is not None else first.file
         raise PreflightError(first.code, f"{where}: {first.message}{more}", first.file, first.line)
     try:
-        estimate = run_estimate(cfg, run_dir, console, report=report)
+        estimate = run_estimate(cfg, run_dir, console, report=report, files=files)
     except ValueError as err:  # a bad train.n_epochs or a missing price row
         raise PreflightError("invalid_config", str(err)) from err
     if estimate["over_budget"]:
@@ -323,7 +327,6 @@ def run_preflight(cfg, run_dir: Path, console: Console) -> Preflight:
             f"is over train.max_cost_usd=${estimate['max_cost_usd']} — raise the budget, set train.n_epochs lower, "
             f"or train on fewer/shorter examples",
         )
-    files = data_files(cfg)
     screened = report.moderation.screened_files if report.moderation is not None else {}
     return Preflight(report, estimate, Path(screened.get("train", files["train"])),
                      Path(screened.get("validation", files["validation"])) if "validation" in files else None)

@@ -57,7 +57,8 @@ from trainer.model import (
     load_tokenizer,
     resolve_runtime,
 )
-from trainer.paths import cache_dir, resolve_data_path
+from trainer.paths import cache_dir
+from trainer.preflight import data_files
 from trainer.plots import plot_losses
 from trainer.run import (
     EventLog,
@@ -122,14 +123,12 @@ class FineTuningJob:
         """Record the job, run the pre-flight, then build data, model, optimizer and logger."""
         cfg = self.cfg
         keep_cpu_memory_flat()
-        train_path = resolve_data_path(cfg.data.train_file)
-        valid_path = resolve_data_path(cfg.data.validation_file) if cfg.data.validation_file else None
-        for path in [train_path, valid_path]:
-            if path is not None:
-                try:
-                    check_file(path)
-                except DataFileError as error:
-                    raise JobFailed(error.code, str(error)) from None
+        files = data_files(cfg)  # resolved once; the pre-flight, the record and tokenizing use these paths
+        for path in files.values():
+            try:
+                check_file(path)
+            except DataFileError as error:
+                raise JobFailed(error.code, str(error)) from None
         if self.resume:
             self.job = Job.load(self.run_dir)
             self.events.add(f"Resuming fine-tuning job: {self.job.id}")
@@ -138,14 +137,14 @@ class FineTuningJob:
                 raise JobFailed("run_dir_not_empty", f"{self.run_dir} already holds a job; resume it with "
                                 f"resume={self.run_dir} or choose another hydra.run.dir")
             self.job = Job.create(self.run_dir, model=cfg.model.name, org=cfg.org, suffix=cfg.suffix,
-                                  training_file=train_path, validation_file=valid_path,
+                                  training_file=files["train"], validation_file=files.get("validation"),
                                   backbone=cfg.backbone.name, seed=cfg.train.seed)
             self.events.add(f"Created fine-tuning job: {self.job.id}")
             try:  # refused before anything is read or loaded, and recorded like any failure
                 check_job_settings(cfg)
             except SettingsError as error:
                 raise JobFailed(error.code, str(error)) from None
-        self.estimate, train_path, valid_path = self._preflight()
+        self.estimate, train_path, valid_path = self._preflight(files)
         self.train_path, self.valid_path = train_path, valid_path
         write_json(self.run_dir / "env.json", describe_environment(
             cfg.train.seed, {"training_file": train_path} | ({"validation_file": valid_path} if valid_path else {})))
@@ -169,13 +168,13 @@ class FineTuningJob:
         self.logger = instantiate(cfg.logger if self.group.is_main else {"_target_": "trainer.loggers.NullLogger"}, run_dir=self.run_dir, name=self.job.id, _recursive_=False, _convert_="all",
                                   run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
-    def _preflight(self) -> tuple[dict, Path, Path | None]:
+    def _preflight(self, files: dict) -> tuple[dict, Path, Path | None]:
         """Validate, screen and price the files; the files to train on (moderation may have dropped lines)."""
         from trainer.preflight import PreflightError, run_preflight
 
         self.events.add("Validating training file")
         try:
-            preflight = run_preflight(self.cfg, self.run_dir, self.console)
+            preflight = run_preflight(self.cfg, self.run_dir, self.console, files)
         except PreflightError as error:
             raise JobFailed(error.code, error.message) from None
         self.events.add("Files validated, estimate ready", data=preflight.estimate)
