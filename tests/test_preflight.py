@@ -259,3 +259,13 @@ def test_a_job_opens_its_training_file_once_for_checks_and_screen_once_to_hash_o
     # the validator's pass feeds the content screen and the token counts; the hash is computed once
     # per process; tokenizing reads the file once more (a later job reads the tokenization cache instead)
     assert len(opened) == 3, opened
+
+
+def test_the_preflight_imports_no_torch():
+    """`ftlab validate` and `ftlab estimate` stay quick: the pre-flight's modules do not import torch (~1 s)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, trainer.preflight, trainer.cost, trainer.data.tokens; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr

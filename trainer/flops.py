@@ -11,8 +11,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 # dense bf16/fp16 tensor-core peak of one GPU, by a substring of torch.cuda.get_device_name()
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
@@ -28,8 +26,10 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in device_name), None)
 
 
-def measure_cpu_peak_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+def measure_cpu_peak_flops(dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of square `dtype` matmuls on this CPU with torch's threads: the CPU's practical peak."""
+    import torch
+
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     torch.mm(a, b)  # warm up (oneDNN builds its kernel)
     runs, started = 0, time.perf_counter()
@@ -39,8 +39,10 @@ def measure_cpu_peak_flops(dtype: torch.dtype, size: int = 1024, seconds: float 
     return 2 * size**3 * runs / elapsed
 
 
-def cpu_peak_flops(dtype: torch.dtype, cache_dir: Path) -> float:
+def cpu_peak_flops(dtype, cache_dir: Path) -> float:
     """`measure_cpu_peak_flops`, measured once per CPU model, thread count and dtype (cache_dir/cpu_peak_flops.json)."""
+    import torch
+
     from trainer.files import write_json
 
     cpu = platform.processor() or platform.machine()
@@ -60,8 +62,10 @@ def cpu_peak_flops(dtype: torch.dtype, cache_dir: Path) -> float:
     return known[key]
 
 
-def peak_flops(device: str, dtype: torch.dtype, cache_dir: Path) -> float | None:
+def peak_flops(device: str, dtype, cache_dir: Path) -> float | None:
     """The peak that MFU divides by on this device (None for a GPU missing from the table)."""
     if device == "cuda":
+        import torch
+
         return gpu_peak_flops(torch.cuda.get_device_name())
     return cpu_peak_flops(dtype, cache_dir)
