@@ -100,6 +100,7 @@ def test_checkpoints_carry_metrics_and_resolve_by_name(store):
                                              "2,1.5,0.5,,\n4,1.0,0.6,1.2,0.55\n")
     checkpoints = list_checkpoints(job)
     assert [c["step_number"] for c in checkpoints] == [4, 2]
+    assert all(c["id"].startswith("ftckpt_") for c in checkpoints) and len({c["id"] for c in checkpoints}) == 2
     assert checkpoints[0]["metrics"] == {"train_loss": 1.0, "train_accuracy": 0.6, "valid_loss": 1.2,
                                          "valid_mean_token_accuracy": 0.55}
     name = checkpoints[1]["fine_tuned_model_checkpoint"]

@@ -233,7 +233,7 @@ def list_checkpoints(job: JobRef) -> list[dict]:
         row = metrics.get(step, {})
         checkpoints.append({
             "object": "fine_tuning.job.checkpoint",
-            "id": f"ftckpt-{job.id.removeprefix('ftjob-')[:8]}-{step}",
+            "id": f"ftckpt_{job.id.removeprefix('ftjob-')[:8]}{step:06d}",  # the hosted API's ftckpt_ ids
             "created_at": int(path.stat().st_mtime),
             "fine_tuned_model_checkpoint": f"{job.record.get('fine_tuned_model') or job.id}:ckpt-step-{step}",
             "fine_tuning_job_id": job.id,
