@@ -59,3 +59,15 @@ def chat_files(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [chat_example(f"What is {i} + {i}?", str(2 * i)) for i in range(12)])
     valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(f"What is {i} + 1?", str(i + 1)) for i in range(4)])
     return train, valid
+
+
+def kill_after_checkpoint(victim, run_dir: Path, pattern: str, timeout: float) -> None:
+    """SIGKILL a training process as soon as `run_dir/checkpoints/<pattern>` exists (or after `timeout` s)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not list((run_dir / "checkpoints").glob(pattern)) and time.time() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()

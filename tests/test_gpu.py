@@ -7,10 +7,8 @@ AdamW), to check the tests themselves before a GPU is lent; CI does not, for tim
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.conftest import chat_example, write_jsonl
+from tests.conftest import chat_example, kill_after_checkpoint, write_jsonl
 from trainer.cli import CONFIG_DIR
 from trainer.schema import register_configs
 
@@ -143,11 +141,7 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, cache_dir, train_file
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     done = run_ftlab([*job, f"hydra.run.dir={reference}"], tmp_path)
     victim = run_ftlab([*job, f"hydra.run.dir={killed}"], tmp_path)
-    deadline = time.time() + 240
-    while not list((killed / "checkpoints").glob("step-0000[1-9]*")) and time.time() < deadline:
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_after_checkpoint(victim, killed, "step-0000[1-9]*", timeout=240)
     assert done.wait(timeout=300) == 0, done.stdout.read()
     assert json.loads((killed / "job.json").read_text())["status"] == "running", "the job ended before the kill"
     resumed = run_ftlab(["train", f"resume={killed}", f"cache_dir={cache_dir}"], tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_RESULTS = REPO / "benchmarks" / "results" / "gpu-h200-2026-11-27"
+GPU_RESULTS = REPO / "benchmarks" / "results"
 
 
 def load_script(name: str):
@@ -93,7 +93,7 @@ def test_the_random_8b_backbone_builds_at_tiny_scale_the_same_every_time_and_qua
 
 def test_the_saved_gpu_results_read_back_with_the_card_named(capsys):
     bench = load_script("bench")
-    record = bench.report(GPU_RESULTS / "gpu-llama8b-qlora-fused.json")
+    record = bench.report(GPU_RESULTS / "gpu-h200-llama8b-qlora-2026-11-27.json")
     printed = capsys.readouterr().out
     assert record["machine"]["gpu"] == "NVIDIA H200" and "NVIDIA H200" in printed
     summary = record["summary"]

@@ -2,7 +2,6 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import chat_example, write_jsonl
+from tests.conftest import chat_example, kill_after_checkpoint, write_jsonl
 from trainer.run import RunLock, cancel_job
 from trainer.train import FineTuningJob, run_training
 
@@ -42,11 +41,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, cache_dir, l
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     done = ftlab("train", *long_job, f"hydra.run.dir={reference}", cwd=tmp_path, cache_dir=cache_dir)
     victim = ftlab("train", *long_job, f"hydra.run.dir={killed}", cwd=tmp_path, cache_dir=cache_dir)
-    deadline = time.time() + 120
-    while not list((killed / "checkpoints").glob("step-00000[6-9]")) and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_after_checkpoint(victim, killed, "step-00000[6-9]", timeout=120)
     assert done.wait(timeout=240) == 0, done.stdout.read()
     assert json.loads((killed / "job.json").read_text())["status"] == "running"  # killed mid-run, no chance to record
     steps_before = max(losses(killed))

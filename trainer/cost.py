@@ -11,7 +11,7 @@ import shutil
 from typing import Any, Iterable, Optional
 
 from trainer.data.tokens import count_example_tokens, get_encoding
-from trainer.flops import flops_per_token
+from trainer.flops import GPU_PEAK_FLOPS, flops_per_token
 from trainer.hyperparams import resolve_n_epochs
 
 
@@ -22,7 +22,7 @@ from trainer.hyperparams import resolve_n_epochs
 #   ~165 tokens/s of SmolLM2-135M LoRA on 2 cores. cuda: A100 bf16 dense peak at 30% MFU.
 DEVICE_FLOPS = {
     "cpu": {"peak_flops": 1.0e11, "per_core": True, "mfu": 0.45},
-    "cuda": {"peak_flops": 312e12, "per_core": False, "mfu": 0.30},
+    "cuda": {"peak_flops": GPU_PEAK_FLOPS["A100"], "per_core": False, "mfu": 0.30},
 }
 
 
