@@ -66,7 +66,8 @@ def test_preset_composes_and_targets_fit_their_signatures(group, preset):
 
 
 @pytest.mark.parametrize("preset,schema_class", [("train/default", "TrainConfig"), ("eval/default", "EvalConfig"),
-                                                 ("generation/default", "GenerationConfig"), ("lora/default", "LoraConfig")])
+                                                 ("generation/default", "GenerationConfig"), ("lora/default", "LoraConfig"),
+                                                 ("server/default", "ServerConfig")])
 def test_the_default_presets_and_the_schema_state_the_same_defaults(preset, schema_class):
     import trainer.schema
 

@@ -106,6 +106,13 @@ def export(cfg: DictConfig) -> int:
     return export_main(cfg, _overrides())
 
 
+def serve(cfg: DictConfig) -> int:
+    """The hosted fine-tuning API (files, jobs, models, chat) for the official openai client: server.port=8000."""
+    from trainer.serve.app import serve_main
+
+    return serve_main(cfg, _overrides())
+
+
 def jobs(args: list[str]) -> int:
     """List and inspect jobs: jobs list [limit=N after=ID] | show|events|checkpoints <job> [--json]."""
     from trainer.jobs import jobs_main
@@ -118,10 +125,11 @@ def _overrides() -> tuple[str, ...]:
 
 
 VERBS = {"train": train, "validate": validate, "estimate": estimate, "chat": chat, "complete": complete,
-         "eval": evaluate, "export": export, "jobs": jobs}
+         "eval": evaluate, "export": export, "jobs": jobs, "serve": serve}
 SETTINGS_VERBS = {"validate", "estimate"}  # check the job's settings first (train records the refusal in its job)
 NO_HYDRA = {"jobs"}  # plain argument parsing, no config composition
 USE_VERBS = {"chat", "complete", "eval", "export"}  # results go to the job's run dir, so no run dir of their own
+NO_RUN_DIR = USE_VERBS | {"serve"}  # write nothing of Hydra's own (the server's jobs have their run dirs)
 FREE_TEXT_KEYS = ("prompt=", "system=", "job=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra
 
 
@@ -151,6 +159,7 @@ def _usage() -> str:
               "  ftlab train -m train.learning_rate_multiplier=0.5,2", "  ftlab estimate data=custom data.train_file=x.jsonl",
               "  ftlab chat job=latest prompt='Hugo Alvarez | Maple Ridge Dental | Porto'",
               "  ftlab eval job=latest eval.max_examples=8", "  ftlab export job=latest", "  ftlab jobs list --json",
+              "  ftlab serve jobs_root=~/ftlab-jobs    # OpenAI(base_url='http://127.0.0.1:8000/v1')",
               "  ftlab train --cfg job     # print the composed config"]
     return "\n".join(lines)
 
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     if verb in NO_HYDRA:
         sys.exit(VERBS[verb](args))
-    if verb in USE_VERBS:
+    if verb in NO_RUN_DIR:
         args = _use_verb_args(args)
     if verb == "train":
         args = _resume_args(args)

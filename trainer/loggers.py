@@ -23,7 +23,8 @@ class WandbLogger:
     """
 
     def __init__(self, run_dir: Path, run_config: dict | None = None, name: str | None = None,
-                 project: str = "ftlab", mode: str = "offline"):
+                 project: str = "ftlab", mode: str = "offline", run_name: str | None = None,
+                 tags: list | None = None):
         folder = Path(run_dir) / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
@@ -32,7 +33,8 @@ class WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        self.run = wandb.init(project=project, name=name, dir=str(run_dir), mode=mode, config=run_config or {},
+        self.run = wandb.init(project=project, name=run_name or name, dir=str(run_dir), mode=mode,
+                              config=run_config or {}, tags=list(tags or []) or None,
                               settings=wandb.Settings(console="off", x_disable_stats=True))
 
     def log(self, metrics: dict, step: int) -> None:

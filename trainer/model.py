@@ -264,6 +264,10 @@ def add_lora(model, cfg: DictConfig, runtime: Runtime):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
     model.config.use_cache = False  # training forwards must not build a KV cache
+    if cfg.get("init_adapter"):  # continue a fine-tuned model: its adapter (rank, targets, weights) trains on
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
     lora = cfg.lora
     config = LoraConfig(
         r=lora.r,

@@ -41,9 +41,11 @@ class Job:
 
     @classmethod
     def create(cls, run_dir: Path, *, model: str, org: str, suffix: str | None, training_file: Path,
-               validation_file: Path | None, backbone: str, seed: int) -> "Job":
-        """A new job in status `validating_files`, saved at once."""
-        job_id = new_job_id()
+               validation_file: Path | None, backbone: str, seed: int, job_id: str | None = None,
+               **fields) -> "Job":
+        """A new job in status `validating_files`, saved at once; `fields` add to the record (the server's
+        file ids, metadata, integrations, method)."""
+        job_id = job_id or new_job_id()
         record = {
             "object": "fine_tuning.job",
             "id": job_id,
@@ -63,7 +65,7 @@ class Job:
             "seed": seed,
             "error": None,
             "run_dir": str(run_dir.resolve()),
-        }
+        } | fields
         job = cls(run_dir, record)
         job.save()
         return job

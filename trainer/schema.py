@@ -164,6 +164,20 @@ class ExportConfig:
 
 
 @dataclass
+class ServerConfig:
+    """`ftlab serve`: the hosted fine-tuning API (files, jobs, models, chat) on this machine."""
+
+    host: str = "127.0.0.1"  # loopback; any other address needs an api_key
+    port: int = 8000
+    api_key: Optional[str] = None  # clients send it as the Bearer token; null: $FTLAB_API_KEY, else no key (loopback only)
+    max_running_jobs: int = 1  # jobs training at once; the rest wait in a FIFO queue
+    max_loaded_models: int = 4  # adapters kept loaded on the backbone (least recently used ones are unloaded)
+    max_upload_mb: int = 512  # largest file accepted by POST /v1/files
+    max_request_kb: int = 1024  # largest JSON request body
+    max_job_restarts: int = 3  # a job whose process dies is resumed from its newest checkpoint this many times
+
+
+@dataclass
 class FtlabConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -175,6 +189,7 @@ class FtlabConfig:
     scheduler: Any = None  # a _partial_ _target_ node (conf/scheduler/): called with the optimizer and total steps
     logger: Any = None  # a _target_ node: trainer.loggers.WandbLogger | trainer.loggers.NullLogger
     moderation: Any = None  # a _target_ node: the content screen run by validate
+    init_adapter: Optional[str] = None  # train: start from this adapter folder instead of a fresh LoRA (the API's model=ft:…)
     resume: Optional[str] = None  # train: a run dir or job id to continue from its newest complete checkpoint
     org: str = "personal"  # the <org> part of ft:<model>:<org>:<suffix>:<id>
     suffix: Optional[str] = None  # the <suffix> part: up to 64 letters, digits, '-', '_', '.'
@@ -188,6 +203,9 @@ class FtlabConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    # Serving (ftlab serve):
+    server: ServerConfig = field(default_factory=ServerConfig)
+    executor: Any = None  # a _target_ node (conf/executor/): where the server's jobs run (local processes | Slurm)
 
 
 def register_configs() -> None:

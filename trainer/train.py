@@ -132,10 +132,14 @@ class FineTuningJob:
         if self.resume:
             self.job = Job.load(self.run_dir)
             self.events.add(f"Resuming fine-tuning job: {self.job.id}")
-        else:
-            if (self.run_dir / "job.json").exists():
+        elif (self.run_dir / "job.json").exists():
+            # a job `ftlab serve` created and queued: this process is the one that trains it
+            self.job = Job.load(self.run_dir)
+            if self.job.record.get("status") != "queued":
+                self.job = None  # not ours to record on
                 raise JobFailed("run_dir_not_empty", f"{self.run_dir} already holds a job; resume it with "
                                 f"resume={self.run_dir} or choose another hydra.run.dir")
+        else:
             self.job = Job.create(self.run_dir, model=cfg.model.name, org=cfg.org, suffix=cfg.suffix,
                                   training_file=files["train"], validation_file=files.get("validation"),
                                   backbone=cfg.backbone.name, seed=cfg.train.seed)
@@ -396,6 +400,7 @@ class FineTuningJob:
             self.events.drop_metrics_after(self.step)
             self.events.add(f"Resumed from checkpoint {folder.name}", data={"step": self.step})
             return
+        self.events.drop_metrics_after(0)  # the steps of a run that died before its first checkpoint
         self.events.add("No usable checkpoint: starting from step 0", level="warn")
 
     # ---- finishing ---------------------------------------------------------------------
@@ -435,6 +440,7 @@ class FineTuningJob:
         name = fine_tuned_model_name(self.cfg.model.name, self.cfg.org, self.cfg.suffix, self.job.id)
         self.job.finish("succeeded", fine_tuned_model=name, trained_tokens=self.tokens_seen,
                         result_files=["results.csv", "adapter", "loss.png"])
+        self.events.add(f"New fine-tuned model created: {name}")
         self.events.add(f"The job has successfully completed: {name}",
                         data={"wall_seconds": round(self.wall_seconds, 2), "trained_tokens": self.tokens_seen,
                               "nonfinite_steps_skipped": self.nonfinite_total})
