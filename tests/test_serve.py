@@ -239,6 +239,7 @@ def test_a_killed_server_and_job_resume_to_the_same_final_loss(tmp_path, job_ove
         assert "Resumed from checkpoint" in (run_dir / "events.jsonl").read_text()
         assert final_loss(run_dir) == pytest.approx(final_loss(root / "jobs" / reference.id), abs=1e-4)
         assert resumed.result_files
+    assert process.returncode == 0  # SIGTERM stops the server cleanly
 
 
 def test_jobs_dispatch_through_submitit(tmp_path, job_overrides, train_file):
@@ -280,23 +281,46 @@ def test_security_loopback_caps_and_filenames(tmp_path, job_overrides, train_fil
 def test_concurrent_clients_lose_and_duplicate_nothing(tmp_path, job_overrides, train_file):
     few = write_jsonl(tmp_path / "few.jsonl", [chat_example(f"q{i}", f"a{i}") for i in range(3)])
 
-    def client_session(n: int, url: str) -> tuple[list[str], list[str]]:
+    def ask(client: OpenAI, n: int) -> str:
+        reply = client.chat.completions.create(model="gpt-3.5-turbo", temperature=0, max_tokens=6,
+                                               messages=[{"role": "user", "content": f"Count to {n}"}])
+        return reply.choices[0].message.content
+
+    def client_session(n: int, url: str) -> tuple[list[str], list[str], str]:
         client = client_for(url)
         files = [client.files.create(file=(f"c{n}-{i}.jsonl", few.read_bytes()), purpose="fine-tune").id
                  for i in range(3)]
         jobs = [client.fine_tuning.jobs.create(model="gpt-3.5-turbo", training_file=f).id for f in files]
         client.fine_tuning.jobs.list(limit=5)
         client.files.list()
-        return files, jobs
+        return files, jobs, ask(client, n)
 
     with live_server(tmp_path / "root", job_overrides) as (url, server):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             sessions = list(pool.map(lambda n: client_session(n, url), range(8)))
         client = client_for(url)
-        files = {f for session_files, _ in sessions for f in session_files}
-        jobs = [j for _, session_jobs in sessions for j in session_jobs]
+        files = {f for session_files, _, _ in sessions for f in session_files}
+        jobs = [j for _, session_jobs, _ in sessions for j in session_jobs]
+        assert [answer for _, _, answer in sessions] == [ask(client, n) for n in range(8)]  # nobody got another's reply
         assert len(files) == 24 and len(set(jobs)) == len(jobs) == 24
         assert {f.id for f in client.files.list()} == files
         assert sorted(job.id for job in client.fine_tuning.jobs.list(limit=5)) == sorted(jobs)
         for job_id in jobs:
             assert wait_for(client, job_id).error.code == "invalid_n_examples"
+
+
+def test_the_readme_quickstart_runs_unchanged(tmp_path, job_overrides):
+    """README's "Your openai code, unchanged" script, with only its base_url pointed at this server."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- openai-quickstart:start -->")[1].split("<!-- openai-quickstart:end -->")[0]
+    script = block.split("```python\n")[1].split("```")[0]
+    sample = Path(__file__).resolve().parent.parent / "trainer" / "samples" / "json_output" / "train.jsonl"
+    (tmp_path / "train.jsonl").write_bytes(sample.read_bytes())
+    with live_server(tmp_path / "root", [*job_overrides, "train.max_steps=3"], api_key="sk-local") as (url, _):
+        (tmp_path / "quickstart.py").write_text(script.replace("http://127.0.0.1:8000/v1", url))
+        run = subprocess.run([sys.executable, "quickstart.py"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("ft:gpt-3.5-turbo:personal:json:") for line in lines), run.stdout
+    assert any(line.startswith("3,") for line in lines), run.stdout  # the results file's last step
