@@ -195,6 +195,7 @@ def test_cancel_pause_and_resume_a_running_job(tmp_path, job_overrides, train_fi
         run_dir = tmp_path / "root" / "jobs" / first.id
         while not list((run_dir / "checkpoints").glob("step-*")):
             time.sleep(0.1)
+        assert client.fine_tuning.jobs.retrieve(first.id).estimated_finish > time.time() - 5  # from its pace
         client.fine_tuning.jobs.pause(first.id)
         paused = wait_for(client, first.id, ("paused",))
         assert paused.finished_at is None
@@ -324,3 +325,25 @@ def test_the_readme_quickstart_runs_unchanged(tmp_path, job_overrides):
     lines = run.stdout.splitlines()
     assert any(line.startswith("ft:gpt-3.5-turbo:personal:json:") for line in lines), run.stdout
     assert any(line.startswith("3,") for line in lines), run.stdout  # the results file's last step
+
+
+def test_continue_from_an_ft_model_with_a_wandb_integration(tmp_path, job_overrides, train_file):
+    overrides = [o for o in job_overrides if o != "logger=none"] + ["logger=wandb", "train.max_steps=2"]
+    with live_server(tmp_path / "root", overrides) as (url, server):
+        client = client_for(url)
+        file_id = client.files.create(file=open(train_file, "rb"), purpose="fine-tune").id
+        parent = wait_for(client, client.fine_tuning.jobs.create(model="gpt-3.5-turbo", training_file=file_id).id)
+        integration = {"type": "wandb", "wandb": {"project": "support-bot", "name": "round-2", "tags": ["v2", "api"]}}
+        child = client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=file_id,
+                                               method={"type": "supervised", "supervised": {
+                                                   "hyperparameters": {"learning_rate_multiplier": 0.5}}},
+                                               integrations=[integration])
+        assert child.model == parent.fine_tuned_model and child.integrations[0].wandb.project == "support-bot"
+        child = wait_for(client, child.id)
+        assert child.status == "succeeded", child.error
+        assert child.fine_tuned_model.startswith("ft:gpt-3.5-turbo:personal::")
+        assert child.hyperparameters.learning_rate_multiplier == 0.5
+    config = (tmp_path / "root" / "jobs" / child.id / ".hydra" / "config.yaml").read_text()
+    assert f"init_adapter: {tmp_path / 'root' / 'jobs' / parent.id / 'adapter'}" in config
+    assert "project: support-bot" in config and "run_name: round-2" in config and "- v2" in config
+    assert list((tmp_path / "root" / "jobs" / child.id / "wandb").glob("offline-run-*"))

@@ -235,3 +235,22 @@ def test_cpu_memory_settings_leave_a_users_choice_alone(monkeypatch):
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
     keep_cpu_memory_flat()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
+
+
+def test_init_adapter_continues_from_a_saved_adapter(make_cfg, tmp_path):
+    """model=ft:… on the API: the new job's LoRA starts as the parent's adapter, trainable."""
+    from trainer.model import add_lora, load_base_model, resolve_runtime
+
+    cfg = make_cfg()
+    runtime = resolve_runtime(cfg.train)
+    parent = add_lora(load_base_model(cfg, runtime), cfg, runtime)
+    with torch.no_grad():
+        for name, parameter in parent.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # a fresh adapter's B is zero: make it tell
+    parent.save_pretrained(tmp_path / "adapter")
+    child = add_lora(load_base_model(cfg, runtime), make_cfg(f"init_adapter={tmp_path / 'adapter'}"), runtime)
+    expected = {n: p for n, p in parent.named_parameters() if "lora_" in n}
+    got = {n: p for n, p in child.named_parameters() if "lora_" in n}
+    assert expected.keys() == got.keys() and all(p.requires_grad for p in got.values())
+    assert all(torch.equal(expected[n], got[n]) for n in expected)

@@ -61,7 +61,7 @@ def _resume_args(args: list[str]) -> list[str]:
         print(f"ftlab: resume={reference}: {error}", file=sys.stderr)
         sys.exit(2)
     rest = [arg for arg in args if not arg.startswith("resume=")]
-    return [f"resume={_quote(str(run_dir))}", f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null", *rest]
+    return [f"resume={quote_value(str(run_dir))}", f"hydra.run.dir={quote_value(str(run_dir))}", "hydra.output_subdir=null", *rest]
 
 
 def validate(cfg: DictConfig) -> int:
@@ -133,7 +133,7 @@ NO_RUN_DIR = USE_VERBS | {"serve"}  # write nothing of Hydra's own (the server's
 FREE_TEXT_KEYS = ("prompt=", "system=", "job=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra
 
 
-def _quote(value: str) -> str:
+def quote_value(value: str) -> str:
     """`value` as a Hydra quoted string, unless the user already quoted it."""
     import re
 
@@ -145,7 +145,7 @@ def _quote(value: str) -> str:
 
 def _use_verb_args(args: list[str]) -> list[str]:
     """Quote free-text values; write nothing of Hydra's own (no .hydra/, no log file) unless asked."""
-    args = [arg.split("=", 1)[0] + "=" + _quote(arg.split("=", 1)[1]) if arg.startswith(FREE_TEXT_KEYS) else arg
+    args = [arg.split("=", 1)[0] + "=" + quote_value(arg.split("=", 1)[1]) if arg.startswith(FREE_TEXT_KEYS) else arg
             for arg in args]
     defaults = {"hydra.output_subdir": "null", "hydra/job_logging": "stdout", "hydra.run.dir": "."}
     given = {arg.split("=", 1)[0].lstrip("+~") for arg in args}

@@ -282,7 +282,7 @@ class FineTuningJob:
                     self.results.add(row)
                     self.logger.log({k: v for k, v in row.items() if k != "step"} | speed, step=self.step)
                     self.events.add(f"Step {self.step}/{self.total_steps}: training loss={loss:.4f}", type="metrics",
-                                    data=row | speed)
+                                    data=row | speed | {"total_steps": self.total_steps})
                     progress.update(task, advance=1, loss=f"{loss:.4f}", tps=f"{tokens_per_second:,.0f}",
                                     mfu=f"{speed['mfu']:.1%}" if "mfu" in speed else "-")
                     if "valid_loss" in row or not self.console.is_terminal and self.step % cfg.train.eval_every == 0:

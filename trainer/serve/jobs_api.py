@@ -12,6 +12,7 @@ from typing import Literal, Optional, Union
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainer.cli import quote_value
 from trainer.jobs import DEFAULT_LIMIT, JobNotFound, JobRef, list_checkpoints, list_events, page, resolve_job
 from trainer.run import EventLog, Job, new_job_id
 from trainer.serve.errors import APIError, not_found
@@ -67,12 +68,6 @@ class CreateJob(BaseModel):
     integrations: Optional[list[Integration]] = Field(None, max_length=4)
 
 
-def _quote(value: str) -> str:
-    from trainer.cli import _quote as quote
-
-    return quote(value)
-
-
 def family_of(model: str) -> str:
     """The hosted family a model name belongs to: `ft:gpt-3.5-turbo:…` → `gpt-3.5-turbo`."""
     return model.split(":")[1] if model.startswith("ft:") else model
@@ -93,24 +88,24 @@ def job_overrides(server, body: CreateJob, family: str, hyperparameters: Hyperpa
                   init_adapter: Optional[Path], train_path: Path, valid_path: Optional[Path]) -> list[str]:
     """The `ftlab train` overrides of a job: the serve command's, then what the request decides."""
     args = [o for o in server.job_overrides if not o.lstrip("+~").startswith(JOB_KEYS)]
-    args += [f"model={family}", "data=custom", f"data.train_file={_quote(str(train_path))}"]
+    args += [f"model={family}", "data=custom", f"data.train_file={quote_value(str(train_path))}"]
     if valid_path is not None:
-        args.append(f"data.validation_file={_quote(str(valid_path))}")
+        args.append(f"data.validation_file={quote_value(str(valid_path))}")
     for key, value in hyperparameters.model_dump().items():
         args.append(f"train.{key}={value}")
     if body.suffix is not None:
-        args.append(f"suffix={_quote(body.suffix)}")
+        args.append(f"suffix={quote_value(body.suffix)}")
     if body.seed is not None:
         args.append(f"train.seed={body.seed}")
     if init_adapter is not None:
-        args.append(f"init_adapter={_quote(str(init_adapter))}")
+        args.append(f"init_adapter={quote_value(str(init_adapter))}")
     wandb = next((i.wandb for i in body.integrations or [] if i.type == "wandb"), None)
     if wandb is not None and "WandbLogger" in str((server.cfg.get("logger") or {}).get("_target_", "")):
-        args.append(f"logger.project={_quote(wandb.project)}")
+        args.append(f"logger.project={quote_value(wandb.project)}")
         if wandb.name:
-            args.append(f"logger.run_name={_quote(wandb.name)}")
+            args.append(f"logger.run_name={quote_value(wandb.name)}")
         if wandb.tags:
-            args.append("logger.tags=[" + ",".join(_quote(tag) for tag in wandb.tags) + "]")
+            args.append("logger.tags=[" + ",".join(quote_value(tag) for tag in wandb.tags) + "]")
     return args
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 
 from rich.console import Console
 
+from trainer.cli import quote_value
 from trainer.run import TERMINAL_STATUSES, EventLog, Job, RunLock, cancel_job
 from trainer.serve.executors import AdoptedHandle, LocalExecutor
 
@@ -178,7 +179,7 @@ class JobRunner:
         run_dir = Path(row["run_dir"])
         job = Job.load(run_dir)
         fresh = not (run_dir / ".hydra" / "config.yaml").is_file()  # no process has composed its config yet
-        args = (list(row["request"]["overrides"]) + [f"hydra.run.dir={_quote(str(run_dir))}"] if fresh
+        args = (list(row["request"]["overrides"]) + [f"hydra.run.dir={quote_value(str(run_dir))}"] if fresh
                 else [f"resume={run_dir}"])  # taken verbatim by `ftlab train`, not parsed by Hydra
         if not fresh:
             job.update(status="queued")  # until the process marks it running
@@ -285,7 +286,3 @@ class JobRunner:
         self.wake()
 
 
-def _quote(value: str) -> str:
-    from trainer.cli import _quote as quote
-
-    return quote(value)
