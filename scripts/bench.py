@@ -497,13 +497,17 @@ def report(path: Path) -> dict:
     return record
 
 
-def environment(args) -> dict:
+TRAINING_PACKAGES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"]
+
+
+def environment(packages: list[str] = TRAINING_PACKAGES, device: str = "cpu") -> dict:
+    """The machine, the package versions and ftlab's commit, for a results JSON."""
     import importlib.metadata as md
 
     import torch
 
     versions = {}
-    for name in ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"]:
+    for name in packages:
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -514,7 +518,7 @@ def environment(args) -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     machine = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-               "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None}
+               "gpu": torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None}
     return {"machine": machine, "versions": {"python": platform.python_version(), **versions},
             "ftlab_commit": commit + ("+dirty" if dirty else "")}
 
@@ -598,7 +602,7 @@ def main() -> None:
                   + (f"  | whole process {result['process_s']:.1f} s, {result['process_peak_rss_mib']:.0f} MiB"
                      if "process_s" in result else ""), flush=True)
 
-    env = environment(args)
+    env = environment(TRAINING_PACKAGES, args.device)
     cfg = compose(args)
     device_name = env["machine"]["gpu"] or env["machine"]["cpu"]
     summaries = {r: summarise(r, runs[r], float(cfg.backbone.n_params), device_name) for r in runners if runs[r]}

@@ -3,7 +3,7 @@
     with live_server(tmp_path / "root", ["backbone=tiny-llama", ...]) as (base_url, server):
         client = OpenAI(base_url=base_url, api_key="x")
 
-`live_server` runs uvicorn in a thread of the test process; `serve_process` runs `ftlab serve` as a
+`live_server` runs uvicorn in a thread of the test process (trainer.serve.app.background_server); `serve_process` runs `ftlab serve` as a
 process of its own (for tests that kill the server).
 """
 import contextlib
@@ -12,17 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from trainer.cli import CONFIG_DIR
-from trainer.schema import register_configs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,26 +44,11 @@ def wait_ready(base_url: str, api_key: str = "x", timeout: float = 60, process=N
 
 @contextlib.contextmanager
 def live_server(root: Path, overrides: list[str] = (), api_key: str | None = None):
-    """Compose the config with `overrides`, serve it on a free loopback port in a thread; yield (base_url, server)."""
-    from trainer.serve.app import Server, create_app
+    """`ftlab serve` with `overrides` on a free loopback port, in a thread; yield (base_url, server)."""
+    from trainer.serve.app import background_server
 
-    overrides = [f"jobs_root={root}", *overrides] + ([f"server.api_key={api_key}"] if api_key else [])
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    server = Server.from_config(cfg, tuple(overrides))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_ready(base_url, api_key or "x")
+    with background_server([f"jobs_root={root}", *overrides], api_key) as (base_url, server):
         yield base_url, server
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import chat_example, write_jsonl
-from tests.live_server import free_port, live_server, serve_process
+from tests.live_server import live_server, serve_process
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

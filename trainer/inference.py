@@ -234,3 +234,199 @@ def stream_reply(loaded: LoadedModel, prompt_ids: list[int], gen: DictConfig, ou
     out.write("\n")
     out.flush()
     return _cut_at_stop(text, stop)
+
+
+# ---- token-level sampling (ftlab serve) ------------------------------------------------------
+@dataclass
+class Sampling:
+    """How one request samples: the hosted API's parameters (temperature 0 is greedy)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1  # choices, sampled together as the rows of one batch (they share the prompt)
+    seed: Optional[int] = None  # the same seed gives the same choices; None: a fresh one
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Delta:
+    """Text one choice adds; `finish_reason` ("stop" | "length") and `n_tokens` are set on its last delta."""
+
+    index: int
+    text: str
+    finish_reason: Optional[str] = None
+    n_tokens: int = 0
+
+
+def _next_tokens(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator],
+                 counts: Optional[torch.Tensor]) -> torch.Tensor:
+    """One token per row from the last position's logits: argmax at temperature 0, else nucleus sampling."""
+    logits = logits.float()
+    if counts is not None:  # the hosted API's penalties, on the tokens each row generated so far
+        logits = logits - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0).float()
+    if not sampling.temperature or sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / float(sampling.temperature), dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
+        sorted_probs = sorted_probs.masked_fill(before >= float(sampling.top_p), 0.0)
+        sorted_probs[:, 0] = sorted_probs[:, 0].clamp_min(1e-12)  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _forward_arguments(model: torch.nn.Module) -> tuple[str, dict]:
+    """The forward's KV-cache argument (`cache` in transformers 5.x, `past_key_values` before) and
+    `logits_to_keep=1` where the model takes it (no full-vocabulary logits for every prompt position)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), (
+        {"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
+
+
+@torch.no_grad()
+def sample_steps(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampling, stop_token_ids=(),
+                 finished: Optional[set] = None):
+    """Generate `sampling.n` continuations of one prompt, one step at a time, with a KV cache.
+
+    Yields, per step, one entry per row: the new token id, or None for a row that has ended
+    (at a stop token, which is not yielded, or because the caller added its index to `finished`).
+    Ends when every row has ended or `max_new_tokens` steps were taken. Sampling draws from a
+    generator seeded with `sampling.seed`, so the global RNG is left alone.
+    """
+    device = next(model.parameters()).device
+    n = sampling.n
+    generator = None
+    if sampling.temperature and sampling.temperature > 0:
+        generator = torch.Generator(device=device)
+        if sampling.seed is not None:
+            generator.manual_seed(int(sampling.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        else:
+            generator.seed()
+    finished = finished if finished is not None else set()
+    stops = torch.tensor(sorted(set(stop_token_ids)) or [-1], device=device)
+    penalties = bool(sampling.presence_penalty or sampling.frequency_penalty)
+    counts = None
+    input_ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
+    cache_arg, extra = _forward_arguments(model)
+    past = None
+    for _ in range(sampling.max_new_tokens):
+        output = model(input_ids=input_ids, use_cache=True, **{cache_arg: past}, **extra)
+        past = getattr(output, "cache", None)
+        past = past if past is not None else output.past_key_values
+        logits = output.logits[:, -1, :]
+        if penalties and counts is None:
+            counts = torch.zeros_like(logits, dtype=torch.float32)
+        tokens = _next_tokens(logits, sampling, generator, counts)
+        if counts is not None:
+            counts.scatter_add_(1, tokens[:, None], torch.ones((n, 1), device=device))
+        ended = torch.isin(tokens, stops).tolist()
+        step = []
+        for row, token in enumerate(tokens.tolist()):
+            if row in finished or ended[row]:
+                finished.add(row)
+                step.append(None)
+            else:
+                step.append(token)
+        yield step
+        if len(finished) >= n:
+            return
+        input_ids = tokens[:, None]
+
+
+class TextStream:
+    """A reply's text as its tokens come: decodes every id so far and hands out the new suffix.
+
+    Text is held back while it ends in an incomplete UTF-8 character ("\\ufffd") or in the start
+    of a stop string; a stop string ends the reply (cut before it). Streaming and non-streaming
+    replies are built from the same deltas, so they are the same text.
+    """
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out
+        self.stopped = False
+
+    def _holdback(self, text: str) -> int:
+        """Where the text that may still change (an incomplete character, a stop string's start) begins."""
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        hold = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, end - self.sent), hold, -1):
+                if text[end - size: end] == stop[:size]:
+                    hold = size
+                    break
+        return max(end - hold, self.sent)
+
+    def push(self, token: int) -> str:
+        """The text the token adds that is safe to show; after a stop string, `stopped` is set."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            start = max(0, self.sent - max(len(s) for s in self.stop))
+            cuts = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if cuts:
+                self.stopped = True
+                cut = max(min(cuts), self.sent)
+                delta, self.sent = text[self.sent: cut], cut
+                return delta
+        end = self._holdback(text)
+        delta, self.sent = text[self.sent: end], end
+        return delta
+
+    def flush(self) -> str:
+        """The rest of the text once the reply has ended (held-back characters included)."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+
+def generate_choices(model: torch.nn.Module, tokenizer, prompt_ids: list[int], sampling: Sampling,
+                     stop_token_ids=(), cancelled=None):
+    """`sampling.n` replies to one prompt as a stream of `Delta`s (text as it comes, then each choice's finish).
+
+    `cancelled` (a threading.Event, optional) stops generation early: the choices still
+    unfinished end without a finish delta.
+    """
+    streams = [TextStream(tokenizer, sampling.stop) for _ in range(sampling.n)]
+    counts = [0] * sampling.n
+    done: set[int] = set()
+    reported: set[int] = set()
+
+    def finish(row: int, reason: str) -> Delta:
+        reported.add(row)
+        done.add(row)
+        return Delta(row, streams[row].flush(), reason, counts[row])
+
+    for step in sample_steps(model, prompt_ids, sampling, stop_token_ids, done):
+        if cancelled is not None and cancelled.is_set():
+            return
+        for row, token in enumerate(step):
+            if row in reported:
+                continue
+            if token is None:  # a stop token
+                yield finish(row, "stop")
+                continue
+            counts[row] += 1
+            text = streams[row].push(token)
+            if streams[row].stopped:
+                reported.add(row)
+                done.add(row)
+                yield Delta(row, text, "stop", counts[row])
+            elif text:
+                yield Delta(row, text)
+    for row in range(sampling.n):
+        if row not in reported:
+            yield finish(row, "length")

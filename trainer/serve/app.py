@@ -11,7 +11,7 @@ import hmac
 import ipaddress
 import logging
 import os
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -169,3 +169,52 @@ def serve_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
     uvicorn.run(create_app(server), host=cfg.server.host, port=cfg.server.port, log_level="info",
                 timeout_graceful_shutdown=5)
     return 0
+
+
+@contextmanager
+def background_server(overrides: list[str], api_key: Optional[str] = None, timeout: float = 120):
+    """`ftlab serve <overrides>` in a thread of this process on a free loopback port; yields (base_url, server).
+
+    For tests, benchmarks and notebooks; ready (GET /v1/models answers) when the block starts.
+    """
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.cli import CONFIG_DIR
+    from trainer.schema import register_configs
+
+    overrides = [*overrides] + ([f"server.api_key={api_key}"] if api_key else [])
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    server = Server.from_config(cfg, tuple(overrides))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, name="ftlab-serve", daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                headers = {"Authorization": f"Bearer {api_key or 'x'}"}
+                if httpx.get(f"{base_url}/models", headers=headers, timeout=2).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or not thread.is_alive():
+                raise TimeoutError(f"ftlab serve did not answer at {base_url} within {timeout} s")
+            time.sleep(0.1)
+        yield base_url, server
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)

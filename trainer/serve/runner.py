@@ -15,7 +15,6 @@ the server is adopted, and one that died with it is resumed.
 """
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 

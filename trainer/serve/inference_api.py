@@ -1,0 +1,359 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`: fine-tuned models answer as the hosted API does.
+
+    client.chat.completions.create(model="ft:gpt-3.5-turbo:personal::abc123", messages=[...])
+    client.completions.create(model="ft:babbage-002:personal::def456", prompt="…\\n\\n###\\n\\n")
+
+A family name alone (`gpt-3.5-turbo`, `babbage-002`, `davinci-002`) is the server's backbone with
+no adapter, rendered in that family's format; an `ft:` name (or a checkpoint's `…:ckpt-step-N`)
+is its job's backbone + adapter, with prompts rendered exactly as the job's training rendered
+them (its own tokenizer and chat template). Chat models answer on /chat/completions, prompt/
+completion models on /completions.
+
+Sampling follows the hosted API: temperature (default 1; 0 is greedy), top_p, n, seed, stop,
+max_tokens / max_completion_tokens (default: the rest of the context), presence/frequency
+penalties. Usage counts backbone tokens. `stream: true` answers with server-sent events built
+from the same token-level deltas as the plain answer, so both carry the same text.
+Other fields the hosted API knows are accepted and ignored.
+"""
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Optional, Union
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import StreamingResponse
+
+from trainer.serve.errors import APIError, not_found
+
+log = logging.getLogger("ftlab.serve")
+router = APIRouter()
+
+MAX_N = 8
+MAX_STOP = 4
+
+
+# ---- request bodies --------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields the hosted API knows and ftlab does not use are ignored
+
+
+class StreamOptions(_Body):
+    include_usage: Optional[bool] = False
+
+
+class Message(_Body):
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: Optional[str] = None
+
+
+class _Sampled(_Body):
+    model: str
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampled):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+
+
+# ---- shared ----------------------------------------------------------------------------------
+def _server(request: Request):
+    return request.app.state.server
+
+
+def _target(request: Request, name: str, chat: bool):
+    """The model a request names, on the endpoint its format answers on."""
+    from trainer.serve.pool import ModelNotFound
+
+    server = _server(request)
+    try:
+        removed = server.index.removed_models() if getattr(server, "index", None) is not None else set()
+    except Exception:  # noqa: BLE001 - an index problem must not hide the model
+        log.exception("reading removed models")
+        removed = set()
+    if name in removed:
+        raise not_found("model", name, "model")
+    try:
+        target = server.models.target(name)
+    except ModelNotFound:
+        raise not_found("model", name, "model") from None
+    if target.chat != chat:
+        if chat:
+            raise APIError(400, f"{name} is a completions model (prompt/completion format), not a chat model, so it is "
+                           "not supported on v1/chat/completions. Use v1/completions with a prompt.",
+                           param="model", code="wrong_endpoint")
+        raise APIError(400, f"{name} is a chat model, so it is not supported on v1/completions. "
+                       "Use v1/chat/completions with messages.", param="model", code="wrong_endpoint")
+    return target
+
+
+def _stop(body: _Sampled) -> tuple[str, ...]:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"stop: at most {MAX_STOP} stop sequences, got {len(stop)}", param="stop",
+                       code="invalid_value")
+    return tuple(s for s in stop if s)
+
+
+def _sampling(body: _Sampled, target, prompt_tokens: int, max_tokens: Optional[int], what: str):
+    from trainer.inference import Sampling
+
+    context = target.context_length
+    if prompt_tokens >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, your {what} "
+                       f"resulted in {prompt_tokens} tokens. Please reduce the length of the {what}.",
+                       param="messages" if what == "messages" else "prompt", code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = context - prompt_tokens
+    elif prompt_tokens + max_tokens > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in the "
+                       "completion). Please reduce the length of the messages or completion.",
+                       param="max_tokens", code="context_length_exceeded")
+    return Sampling(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p, n=body.n or 1, seed=body.seed, stop=_stop(body),
+                    presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+
+
+def _text_content(message: Message, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    parts = []
+    for part in message.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages[{index}].content: only text parts are supported, got type "
+                           f"{part.get('type')!r}", param=f"messages.[{index}].content", code="unsupported_content")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _messages(body: ChatRequest) -> list[dict]:
+    messages = []
+    for index, message in enumerate(body.messages):
+        role = "system" if message.role == "developer" else message.role
+        if role not in ("system", "user", "assistant", "tool", "function"):
+            raise APIError(400, f"messages[{index}].role: {message.role!r} is not one of system, developer, user, "
+                           "assistant, tool", param=f"messages.[{index}].role", code="invalid_value")
+        messages.append({"role": role, "content": _text_content(message, index)}
+                        | ({"name": message.name} if message.name else {}))
+    return messages
+
+
+def _prompts(body: CompletionRequest, target) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [target.encode_prompt(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [target.encode_prompt(p) for p in prompt]
+    return [list(p) for p in prompt]
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _run(pool, target, prompt_ids: list[int], sampling, cancelled=None):
+    """Deltas of one prompt's choices, the model held for this request only while it generates."""
+    from trainer.inference import generate_choices
+
+    with pool.using(target) as model:
+        yield from generate_choices(model, target.tokenizer, prompt_ids, sampling, target.stop_token_ids, cancelled)
+
+
+def _collect(pool, target, prompts: list[list[int]], sampling) -> list[dict]:
+    """Every choice of every prompt, whole: index (prompt-major), text, finish_reason, n_tokens."""
+    choices = []
+    for number, prompt_ids in enumerate(prompts):
+        texts = [""] * sampling.n
+        ends = [None] * sampling.n
+        counts = [0] * sampling.n
+        for delta in _run(pool, target, prompt_ids, sampling):
+            texts[delta.index] += delta.text
+            if delta.finish_reason is not None:
+                ends[delta.index], counts[delta.index] = delta.finish_reason, delta.n_tokens
+        choices += [{"index": number * sampling.n + row, "text": texts[row], "finish_reason": ends[row] or "length",
+                     "n_tokens": counts[row]} for row in range(sampling.n)]
+    return choices
+
+
+class _SSE(StreamingResponse):
+    """A stream whose body is closed however it ends (finished, client gone, error), so its producer stops."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage_chunk):
+    """SSE events from a producer thread: `frame(kind, index, text, finish_reason)` shapes each chunk.
+
+    The producer generates into a queue and checks `cancelled` at every token, so a client that goes
+    away (this generator closed or cancelled) frees the model at the next token.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()
+    completion_tokens = 0
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            cancelled.set()
+
+    def produce():
+        try:
+            for number, prompt_ids in enumerate(prompts):
+                for delta in _run(pool, target, prompt_ids, sampling, cancelled):
+                    put(("delta", number, delta))
+                if cancelled.is_set():
+                    break
+            put(("end", None, None))
+        except Exception:  # noqa: BLE001 - reported as an SSE error event, logged here
+            log.exception("generation failed for %s", target.name)
+            put(("error", None, None))
+
+    try:
+        for number in range(len(prompts)):
+            for row in range(sampling.n):
+                first = frame("start", number * sampling.n + row, "", None)
+                if first is not None:
+                    yield _event(first)
+        threading.Thread(target=produce, name="ftlab-generate", daemon=True).start()
+        while True:
+            kind, number, item = await events.get()
+            if kind == "end":
+                break
+            if kind == "error":
+                yield _event({"error": {"message": "The server had an error while generating; the server log has "
+                                                   "the details.", "type": "server_error", "param": None,
+                                        "code": "internal_error"}})
+                return
+            index = number * sampling.n + item.index
+            if item.text:
+                yield _event(frame("delta", index, item.text, None))
+            if item.finish_reason is not None:
+                completion_tokens += item.n_tokens
+                yield _event(frame("finish", index, "", item.finish_reason))
+        if usage_chunk is not None:
+            yield _event(usage_chunk(_usage(sum(len(p) for p in prompts), completion_tokens)))
+        yield "data: [DONE]\n\n"
+    finally:
+        cancelled.set()
+
+
+def _generation_error(error: Exception) -> APIError:
+    log.exception("generation failed", exc_info=error)
+    return APIError(500, "The server had an error while generating; the server log has the details.",
+                    code="internal_error")
+
+
+# ---- the endpoints ---------------------------------------------------------------------------
+@router.post("/chat/completions")
+def chat_completions(body: ChatRequest, request: Request):
+    """POST /v1/chat/completions (chat models: families with the chat format, their ft: models and checkpoints)."""
+    target = _target(request, body.model, chat=True)
+    pool = _server(request).models
+    prompt_ids = target.encode_chat(_messages(body))
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = _sampling(body, target, len(prompt_ids), max_tokens, "messages")
+    ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
+            "system_fingerprint": None}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def frame(kind, index, text, finish_reason):
+            delta = {"role": "assistant", "content": ""} if kind == "start" else (
+                {"content": text} if kind == "delta" else {})
+            return head | {"choices": [{"index": index, "delta": delta, "logprobs": None,
+                                        "finish_reason": finish_reason}]} | extra
+
+        usage_chunk = (lambda usage: head | {"choices": [], "usage": usage}) if include_usage else None
+        return _SSE(_stream(pool, target, [prompt_ids], sampling, frame, usage_chunk),
+                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        choices = _collect(pool, target, [prompt_ids], sampling)
+    except APIError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise _generation_error(error) from None
+    return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                         "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices],
+            "usage": _usage(len(prompt_ids), sum(c["n_tokens"] for c in choices)), "system_fingerprint": None}
+
+
+@router.post("/completions")
+def completions(body: CompletionRequest, request: Request):
+    """POST /v1/completions (prompt/completion models: babbage-002, davinci-002 and their ft: models)."""
+    target = _target(request, body.model, chat=False)
+    pool = _server(request).models
+    prompts = _prompts(body, target)
+    samplings = [_sampling(body, target, len(p), body.max_tokens, "prompt") for p in prompts]
+    sampling = min(samplings, key=lambda s: s.max_new_tokens)  # one length cap for all the prompts of a request
+    if body.max_tokens is None:  # the hosted default for completions is 16 tokens
+        sampling.max_new_tokens = min(16, sampling.max_new_tokens)
+    ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+            "system_fingerprint": None}
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def frame(kind, index, text, finish_reason):
+            if kind == "start":
+                return None  # completions streams have no role chunk
+            return head | {"choices": [{"index": index, "text": text, "logprobs": None,
+                                        "finish_reason": finish_reason}]} | extra
+
+        usage_chunk = (lambda usage: head | {"choices": [], "usage": usage}) if include_usage else None
+        return _SSE(_stream(pool, target, prompts, sampling, frame, usage_chunk),
+                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        choices = _collect(pool, target, prompts, sampling)
+    except APIError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise _generation_error(error) from None
+    return head | {"choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
+                                "finish_reason": c["finish_reason"]} for c in choices],
+                   "usage": _usage(prompt_tokens, sum(c["n_tokens"] for c in choices))}
