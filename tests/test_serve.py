@@ -89,7 +89,7 @@ def test_upload_create_follow_and_read_the_result_file(tmp_path, job_overrides, 
         metrics = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
         assert {"step", "train_loss", "train_mean_token_accuracy"} <= set(metrics[0].data)
 
-        checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+        checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id, limit=1))  # auto-paged, one a page
         assert [c.step_number for c in checkpoints] == [4, 2]
         assert checkpoints[0].id.startswith("ftckpt_")
         assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"

@@ -86,11 +86,14 @@ def _unique(matches: list[JobRef], reference: str) -> JobRef:
     return matches[0]
 
 
-def resolve_job(reference: str, root: Optional[str] = None) -> JobRef:
-    """The job a reference names: a run dir, `ftjob-…`, `ft:…` (optionally `:ckpt-step-N`) or `latest`."""
+def resolve_job(reference: str, root: Optional[str] = None, *, paths: bool = True) -> JobRef:
+    """The job a reference names: a run dir, `ftjob-…`, `ft:…` (optionally `:ckpt-step-N`) or `latest`.
+
+    `paths=False` (the server, whose clients must never name a place on disk) takes names and ids only.
+    """
     reference = str(reference).strip()
     path = Path(reference).expanduser()
-    if path.is_dir() and (path / "job.json").is_file():
+    if paths and path.is_dir() and (path / "job.json").is_file():
         record = _read_job(path)
         if record is None:
             raise JobNotFound(f"{path / 'job.json'} is not a fine-tuning job record")

@@ -122,7 +122,7 @@ def create_job(request: Request, body: CreateJob) -> dict:
     family, init_adapter = body.model, None
     if body.model.startswith("ft:"):
         try:
-            parent = resolve_job(body.model, str(server.root))
+            parent = resolve_job(body.model, str(server.root), paths=False)
         except JobNotFound:
             raise not_found("model", body.model, "model") from None
         if not (parent.adapter_dir / "adapter_config.json").is_file():

@@ -137,7 +137,7 @@ class ModelPool:
         if not name.startswith("ft:"):
             raise ModelNotFound(name)
         try:
-            job = require_adapter(resolve_job(name, str(self.root)))
+            job = require_adapter(resolve_job(name, str(self.root), paths=False))
             job_cfg = load_job_config(job)
         except JobNotFound as error:
             raise ModelNotFound(name) from error
