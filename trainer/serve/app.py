@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import signal
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,8 +167,13 @@ def serve_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"ftlab serve: http://{cfg.server.host}:{cfg.server.port}/v1  (jobs_root {server.root}; "
           f"{'API key required' if server.api_key else 'no API key: loopback only'})", flush=True)
+    # uvicorn stops gracefully on SIGTERM or Ctrl-C, then re-raises the signal to the handler it found
+    # there: a no-op one lets `ftlab serve` end with exit code 0 after that clean stop.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda *_: None)
     uvicorn.run(create_app(server), host=cfg.server.host, port=cfg.server.port, log_level="info",
                 timeout_graceful_shutdown=5)
+    print("ftlab serve: stopped; running jobs keep training and the next `ftlab serve` follows them", flush=True)
     return 0
 
 
