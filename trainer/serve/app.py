@@ -131,8 +131,9 @@ class BodyLimit:
 
 
 def create_app(server: Server, *, start: bool = True) -> FastAPI:
-    """The app: the /v1 API (files, fine-tuning jobs, models, chat and completions) behind the key check."""
-    from trainer.serve import files_api, inference_api, jobs_api, models_api
+    """The app: the /v1 API (files, fine-tuning jobs, models, chat and completions) behind the key check, and
+    the dashboard (pages at /, /jobs/<id>, /new, /playground, /files; its data under /ui/api, behind the key)."""
+    from trainer.serve import files_api, inference_api, jobs_api, models_api, ui
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -149,6 +150,7 @@ def create_app(server: Server, *, start: bool = True) -> FastAPI:
     install_error_handlers(app)
     for module in (files_api, jobs_api, models_api, inference_api):
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(require_key)])
+    app.include_router(ui.router)
     app.add_middleware(BodyLimit, max_bytes=server.cfg.server.max_request_kb * 1024,
                        max_upload_bytes=server.cfg.server.max_upload_mb * 1024 * 1024)
     return app
@@ -165,7 +167,8 @@ def serve_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
         print(f"ftlab serve: {error}")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"ftlab serve: http://{cfg.server.host}:{cfg.server.port}/v1  (jobs_root {server.root}; "
+    print(f"ftlab serve: API http://{cfg.server.host}:{cfg.server.port}/v1, dashboard "
+          f"http://{cfg.server.host}:{cfg.server.port}/  (jobs_root {server.root}; "
           f"{'API key required' if server.api_key else 'no API key: loopback only'})", flush=True)
     # uvicorn stops gracefully on SIGTERM or Ctrl-C, then re-raises the signal to the handler it found
     # there: a no-op one lets `ftlab serve` end with exit code 0 after that clean stop.

@@ -164,7 +164,8 @@ def create_job(request: Request, body: CreateJob) -> dict:
     return job_object(server, row)
 
 
-def _job_row(server, job_id: str) -> dict:
+def job_row(server, job_id: str) -> dict:
+    """The index row of a job id, or 404."""
     row = server.index.job(job_id)
     if row is None:
         raise not_found("job", job_id, "fine_tuning_job_id")
@@ -249,12 +250,12 @@ def list_jobs(request: Request, after: Optional[str] = None,
 def retrieve_job(request: Request, job_id: str) -> dict:
     """GET /v1/fine_tuning/jobs/{id}."""
     server = request.app.state.server
-    return job_object(server, _job_row(server, job_id))
+    return job_object(server, job_row(server, job_id))
 
 
 def _act(request: Request, job_id: str, action: str, allowed: tuple[str, ...]) -> dict:
     server = request.app.state.server
-    row = _job_row(server, job_id)
+    row = job_row(server, job_id)
     status = Job.load(Path(row["run_dir"])).record.get("status")
     if row["state"] not in allowed or row.get("wanted") or status in ("succeeded", "failed", "cancelled"):
         raise APIError(409, f"Cannot {action} {job_id}: it is {status}"
@@ -282,7 +283,8 @@ def resume_job(request: Request, job_id: str) -> dict:
     return _act(request, job_id, "resume", ("paused",))
 
 
-def _job_ref(row: dict) -> JobRef:
+def job_ref(row: dict) -> JobRef:
+    """The job of an index row as `trainer.jobs` finds jobs (for its events and checkpoints)."""
     run_dir = Path(row["run_dir"])
     return JobRef(Job.load(run_dir).record, run_dir, run_dir / "adapter")
 
@@ -296,7 +298,7 @@ def list_job_events(request: Request, job_id: str, after: Optional[str] = None,
                     limit: int = Query(DEFAULT_LIMIT, ge=1, le=1000)) -> dict:
     """GET …/events: newest first, paged by `after` (an event id, exclusive) and `limit`."""
     server = request.app.state.server
-    listing = list_events(_job_ref(_job_row(server, job_id)), limit=10**9)["data"]
+    listing = list_events(job_ref(job_row(server, job_id)), limit=10**9)["data"]
     data = [event | {"created_at": int(event.get("created_at") or 0),
                      "data": _metrics(event.get("data") or {}) if event.get("type") == "metrics" else event.get("data")}
             for event in listing]
@@ -313,7 +315,7 @@ def list_job_checkpoints(request: Request, job_id: str, after: Optional[str] = N
     server = request.app.state.server
     checkpoints = [{key: value for key, value in checkpoint.items() if key != "path"}
                    | {"metrics": _metrics(checkpoint["metrics"]) | {"step": checkpoint["step_number"]}}
-                   for checkpoint in list_checkpoints(_job_ref(_job_row(server, job_id)))]
+                   for checkpoint in list_checkpoints(job_ref(job_row(server, job_id)))]
     try:
         listing = page(checkpoints, limit, after)
     except JobNotFound:
