@@ -51,8 +51,12 @@ def codes(pairs):
     ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}, ["missing_content"]),
     ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}, ["missing_content"]),
     ({"messages": [{"role": "user", "content": "x"}]}, ["example_missing_assistant_message"]),
-    ({"messages": [{"role": "user", "content": "x"},
-                   {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]}, []),
+    ({"functions": [{"name": "f"}], "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]}, []),
+    ({"messages": [{"role": "user", "content": "x"},  # a call needs the function declared
+                   {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]},
+     ["undeclared_function"]),
     (chat(), []),
     (chat(name="bot", weight=1), []),
 ])

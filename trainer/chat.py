@@ -5,10 +5,17 @@
     ftlab chat job=latest adapter=false      # the same backbone and template, without the adapter
     ftlab chat job=base                      # the configured backbone alone
     ftlab complete job=<babbage-002 job> prompt="My card was charged twice"
+    ftlab chat job=latest prompt="Weather in Porto?"      # a tools job: → get_weather({"city": "Porto"})
+
+A job trained on function calls chats with the functions of its training file declared (as
+training declared them); the calls a reply makes are shown as `→ name({arguments})` instead of
+their raw markup, and in the REPL `/tool <result>` answers the oldest unanswered call (the reply
+to the results is generated once every call has one).
 
 Loading, encoding and generating live in `trainer.inference`; this module is the commands.
 """
 import sys
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -21,6 +28,7 @@ from trainer.inference import (
     stream_reply,
     training_prompt_suffix,
 )
+from trainer.data.tools import CALL_OPEN, declared_tools, format_call, parse_tool_calls
 from trainer.jobs import JobNotFound
 from trainer.schema import DataFormat
 
@@ -29,8 +37,71 @@ def _seed(gen: DictConfig) -> None:
         torch.manual_seed(int(gen.seed))
 
 
+# ---- function calls ------------------------------------------------------------------------
+def training_tools(cfg: DictConfig, job, limit: int = 200) -> list[dict]:
+    """The functions declared in the job's training file (its first `limit` examples; the first
+    declaration of each name wins), as a `tools` list; for job=base, those of `data.train_file`."""
+    from trainer.data.jsonl import DataFileError, load_examples
+    from trainer.paths import resolve_data_path
+
+    path = (job.record.get("training_file") or {}).get("path") if job is not None else None
+    try:
+        path = Path(path) if path else resolve_data_path(str(cfg.data.train_file)) if cfg.data.get("train_file") else None
+        examples = load_examples(path)[:limit] if path is not None and Path(path).is_file() else []
+    except (DataFileError, ValueError):
+        return []
+    tools: dict[str, dict] = {}
+    for _, example in examples:
+        for tool in declared_tools(example):
+            tools.setdefault(tool["function"].get("name"), tool)
+    return list(tools.values())
+
+
+class CallHidingWriter:
+    """Passes a streamed reply through up to its first <tool_call>; the calls are shown parsed afterwards."""
+
+    def __init__(self, out):
+        self.out, self.held, self.hid = out, "", False
+
+    def write(self, text: str) -> None:
+        if self.hid:
+            return
+        self.held += text
+        at = self.held.find(CALL_OPEN)
+        if at >= 0:
+            self.out.write(self.held[:at])
+            self.held, self.hid = "", True
+            return
+        keep = next((n for n in range(min(len(CALL_OPEN) - 1, len(self.held)), 0, -1)
+                     if CALL_OPEN.startswith(self.held[-n:])), 0)  # what may be the start of a call
+        self.out.write(self.held[: len(self.held) - keep])
+        self.held = self.held[len(self.held) - keep:]
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def show_reply(loaded, messages: list[dict], tools: list[dict], gen: DictConfig) -> dict:
+    """Stream one reply (calls shown as `→ name({...})`) and return it as an assistant message."""
+    prompt_ids = encode_chat_prompt(loaded.tokenizer, messages, tools)
+    if not tools:
+        return {"role": "assistant", "content": stream_reply(loaded, prompt_ids, gen)}
+    writer = CallHidingWriter(sys.stdout)
+    reply = stream_reply(loaded, prompt_ids, gen, out=writer)
+    content, calls = parse_tool_calls(reply)
+    if writer.hid:
+        for call in calls:
+            print(f"→ {format_call(call)}")
+        leftover = (content or "")[(content or "").find(CALL_OPEN):] if CALL_OPEN in (content or "") else ""
+        if leftover:
+            print(f"(not a well-formed call) {leftover}")
+    sys.stdout.flush()
+    return {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+
+
 # ---- the verbs -------------------------------------------------------------------------------
 REPL_HELP = "commands: /reset (new conversation), /system <text>, /exit (or Ctrl-D)"
+TOOLS_HELP = "; /tool <result> answers the oldest unanswered call"
 
 
 def _setup(cfg: DictConfig, overrides, want_chat: bool):
@@ -66,12 +137,16 @@ def chat_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
     gen = loaded.cfg.generation
     system = loaded.cfg.system
     start = [{"role": "system", "content": system}] if system else []
+    tools = training_tools(loaded.cfg, loaded.job)
     if loaded.cfg.prompt is not None:
         messages = start + [{"role": "user", "content": str(loaded.cfg.prompt)}]
-        stream_reply(loaded, encode_chat_prompt(loaded.tokenizer, messages), gen)
+        show_reply(loaded, messages, tools, gen)
         return 0
-    console.print(f"[bold]{loaded.label}[/]  {REPL_HELP}", highlight=False)
+    names = ", ".join(t["function"].get("name") for t in tools)
+    console.print(f"[bold]{loaded.label}[/]  {REPL_HELP}{TOOLS_HELP if tools else ''}"
+                  + (f"\nfunctions declared (from the training file): {names}" if tools else ""), highlight=False)
     messages = list(start)
+    pending: list[str] = []  # ids of the calls still waiting for a /tool result
     while True:
         try:
             line = input("you> ")
@@ -84,21 +159,31 @@ def chat_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
-            messages = list(start)
+            messages, pending = list(start), []
             continue
         if line.startswith("/system"):
             start = [{"role": "system", "content": line[len("/system"):].strip()}]
-            messages = list(start)
+            messages, pending = list(start), []
             continue
-        messages.append({"role": "user", "content": line})
+        if line.startswith("/tool"):
+            if not pending:
+                console.print("no call is waiting for a result", highlight=False)
+                continue
+            messages.append({"role": "tool", "tool_call_id": pending.pop(0), "content": line[len("/tool"):].strip()})
+            if pending:
+                continue  # more results to give before the model answers
+        else:
+            messages.append({"role": "user", "content": line})
         sys.stdout.write("assistant> ")
         try:
-            reply = stream_reply(loaded, encode_chat_prompt(loaded.tokenizer, messages), gen)
+            reply = show_reply(loaded, messages, tools, gen)
         except KeyboardInterrupt:
             print("\n[interrupted]")
-            messages.pop()
+            if messages[-1]["role"] == "user":
+                messages.pop()
             continue
-        messages.append({"role": "assistant", "content": reply})
+        messages.append(reply)
+        pending = [call["id"] for call in reply.get("tool_calls", [])]
 
 
 def complete_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:

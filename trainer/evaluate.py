@@ -9,6 +9,9 @@ generated greedily for the first `eval.max_examples` examples, scored by `data.t
     terse  words per reply, share of replies within `eval.max_words`, exact match
     tone   share of replies ending with `eval.signoff`, words per reply
     exact  exact match (classification labels)
+    tools  where the reference calls functions: tool-name accuracy (the right functions), argument
+           JSON validity (every call well-formed, arguments a JSON object), argument field match
+           (the reference's argument values), exact calls; where it does not: no-call rate
 
 With `eval.compare_prompts` it also scores the base model given a long instruction prompt
 (`eval.instructions[task]`) against the fine-tuned model given none, and prices both per 1,000
@@ -35,6 +38,7 @@ from trainer.inference import (
 )
 from trainer.data.jsonl import DataFileError, load_examples
 from trainer.data.tokenize import tokenize_examples
+from trainer.data.tools import CALL_OPEN, assistant_text, declared_tools, message_calls, parse_tool_calls
 from trainer.files import write_json
 from trainer.jobs import JobNotFound
 from trainer.paths import resolve_data_path
@@ -62,11 +66,61 @@ def _parse_json(text: str):
         return None
 
 
+def _same_value(got, want) -> bool:
+    if isinstance(want, str) and isinstance(got, str):
+        return _normal(got) == _normal(want)
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        return float(got) == float(want)
+    return got == want
+
+
+def reply_calls(text: str) -> tuple[list[tuple[str, dict]], bool]:
+    """([(name, arguments)] read from a reply, whether every call it attempted was well-formed)."""
+    _, calls = parse_tool_calls(text)
+    parsed = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    return parsed, bool(parsed) and text.count(CALL_OPEN) <= len(parsed)
+
+
+def tool_metrics(replies: list[str], references: list[str]) -> dict:
+    """The tools task: calls where the reference calls, no call where it does not (None: no such example)."""
+    n_call = n_plain = names = valid = exact = no_call = fields_right = fields_total = 0
+    for reply, reference in zip(replies, references):
+        want, _ = reply_calls(reference)
+        got, well_formed = reply_calls(reply)
+        if not want:
+            n_plain += 1
+            no_call += not got and CALL_OPEN not in reply
+            continue
+        n_call += 1
+        names += sorted(n for n, _ in got) == sorted(n for n, _ in want)
+        valid += well_formed
+        unused = list(got)
+        for name, arguments in want:
+            match = next((g for g in unused if g[0] == name), None)
+            if match is not None:
+                unused.remove(match)
+            fields_total += len(arguments)
+            fields_right += sum(match is not None and key in match[1] and _same_value(match[1][key], value)
+                                for key, value in arguments.items())
+        exact += len(got) == len(want) and all(
+            any(g[0] == name and g[1].keys() == args.keys() and all(_same_value(g[1][k], v) for k, v in args.items())
+                for g in got) for name, args in want)
+
+    def rate(hits, total):
+        return hits / total if total else None
+
+    return {"tool_name_accuracy": rate(names, n_call), "arguments_valid": rate(valid, n_call),
+            "argument_field_accuracy": rate(fields_right, fields_total), "call_exact_match": rate(exact, n_call),
+            "no_call_rate": rate(no_call, n_plain), "n_call_expected": n_call, "n_no_call_expected": n_plain}
+
+
 def task_metrics(task: str | None, replies: list[str], references: list[str], eval_cfg: DictConfig) -> dict:
     """Scores in [0, 1] (rates) plus `mean_words`; which ones depends on `task`."""
     n = max(len(replies), 1)
     metrics = {}
-    if task == "json":
+    if task == "tools":
+        metrics |= tool_metrics(replies, references)
+    elif task == "json":
         valid = schema = exact = fields_right = fields_total = 0
         for reply, reference in zip(replies, references):
             got, want = _parse_json(reply), _parse_json(reference)
@@ -92,14 +146,24 @@ def task_metrics(task: str | None, replies: list[str], references: list[str], ev
 
 
 # ---- what to ask -----------------------------------------------------------------------------
+CALL_KEYS = ("function_call", "tool_calls", "tool_call_id")  # kept in prompts: calls and results render as trained
+
+
 def split_example(example: dict, chat: bool) -> tuple:
-    """(prompt, reference): the messages before the last assistant reply and that reply, or prompt/completion."""
+    """(prompt, reference): the messages before the last assistant reply and that reply, or prompt/completion.
+
+    A reply that calls functions is given as the fallback renders it (text, then one
+    <tool_call>{…}</tool_call> line per call), which `parse_tool_calls` reads back."""
     if not chat:
         return example["prompt"], example["completion"]
     messages = example["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]], \
-        messages[last].get("content") or ""
+    prompt = [{"role": m["role"], "content": m.get("content") or ""}
+              | {k: m[k] for k in CALL_KEYS if k in m}
+              | ({"name": m["name"]} if m["role"] == "function" and "name" in m else {})
+              for m in messages[:last]]
+    reply = messages[last]
+    return prompt, assistant_text(reply) if message_calls(reply) else reply.get("content") or ""
 
 
 def with_instructions(prompt, instructions: str, chat: bool):
@@ -114,12 +178,14 @@ def without_instructions(prompt, chat: bool):
     return [m for m in prompt if m["role"] != "system"] if chat else prompt
 
 
-def billed_prompt_tokens(prompt, chat: bool, encoding) -> int:
-    """Input tokens the hosted API bills for this prompt (cookbook counting, reply priming included)."""
+def billed_prompt_tokens(prompt, chat: bool, encoding, tools: list | None = None) -> int:
+    """Input tokens the hosted API bills for this prompt (cookbook counting, reply priming and declared
+    functions included)."""
     from trainer.data.tokens import count_example_tokens
 
     fmt = DataFormat.chat if chat else DataFormat.prompt_completion
-    return count_example_tokens({"messages": prompt} if chat else {"prompt": prompt, "completion": ""}, fmt, encoding)
+    example = ({"messages": prompt} | ({"tools": tools} if tools else {})) if chat else {"prompt": prompt, "completion": ""}
+    return count_example_tokens(example, fmt, encoding)
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -145,14 +211,18 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
 
     dataset = tokenize_examples(examples, tokenizer, chat=chat,
                                 max_length=cfg.train.max_length or cfg.model.context_length)
-    pairs = [split_example(example, chat) for _, example in examples[: eval_cfg.max_examples]]
+    chosen = [example for _, example in examples[: eval_cfg.max_examples]]
+    pairs = [split_example(example, chat) for example in chosen]
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    tools = [declared_tools(example) if chat else [] for example in chosen]  # each prompt's functions
     instructions = (eval_cfg.instructions or {}).get(task) if task else None
-    encode = (lambda p: encode_chat_prompt(tokenizer, p)) if chat else (lambda p: encode_completion_prompt(tokenizer, p))
+
+    def encode(prompt, prompt_tools) -> list[int]:
+        return encode_chat_prompt(tokenizer, prompt, prompt_tools) if chat else encode_completion_prompt(tokenizer, prompt)
 
     def replies(prompt_list) -> list[dict]:
-        return generate_batch(loaded, [encode(p) for p in prompt_list], max_new_tokens=eval_cfg.max_new_tokens,
-                              batch_size=eval_cfg.batch_size)
+        return generate_batch(loaded, [encode(p, t) for p, t in zip(prompt_list, tools)],
+                              max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size)
 
     from trainer.cost import price_row
     from trainer.data.tokens import get_encoding
@@ -167,7 +237,8 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
                 scores = loss_and_accuracy(model, dataset, tokenizer.pad_token_id, eval_cfg.batch_size, loaded.device)
             generated = replies(prompt_list)
         texts = [g["text"] for g in generated]
-        prompt_tokens = sum(billed_prompt_tokens(p, chat, encoding) for p in prompt_list) / max(len(prompt_list), 1)
+        prompt_tokens = sum(billed_prompt_tokens(p, chat, encoding, t)
+                            for p, t in zip(prompt_list, tools)) / max(len(prompt_list), 1)
         output_tokens = sum(len(encoding.encode_ordinary(t)) for t in texts) / max(len(texts), 1)
         in_price = float(prices.base_input if base and prices.base_input is not None else prices.input)
         out_price = float(prices.base_output if base and prices.base_output is not None else prices.output)
@@ -219,6 +290,7 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
 
 # ---- showing ---------------------------------------------------------------------------------
 QUALITY_KEYS = ["valid_loss", "valid_mean_token_accuracy", "json_valid", "schema_match", "field_accuracy",
+                "tool_name_accuracy", "arguments_valid", "argument_field_accuracy", "call_exact_match", "no_call_rate",
                 "exact_match", "terse_rate", "signoff_rate", "mean_words"]
 COST_KEYS = ["prompt_tokens_per_request", "output_tokens_per_request", "usd_per_1k_requests"]
 
@@ -267,7 +339,7 @@ def plot_report(report: dict, path: Path) -> Path:
     from trainer.plots import plt, save_figure
 
     base, tuned = report["models"][BASE], report["models"][FINE_TUNED]
-    keys = [k for k in QUALITY_KEYS[1:] if k in base and k != "mean_words"]
+    keys = [k for k in QUALITY_KEYS[1:] if base.get(k) is not None and tuned.get(k) is not None and k != "mean_words"]
     figure, (rates, loss) = plt.subplots(1, 2, figsize=(9, 4), dpi=110, gridspec_kw={"width_ratios": [4, 1]})
     x = range(len(keys))
     rates.bar([i - 0.2 for i in x], [base[k] for k in keys], 0.4, label="base", color="#9e9e9e")

@@ -19,9 +19,10 @@ import torch
 from omegaconf import DictConfig
 
 from trainer.data.tokenize import (  # the renderer training uses
+    encode_conversation,
     render_messages,
-    tokens_extending,
 )
+from trainer.data.tools import as_tools
 from trainer.jobs import (
     JobNotFound,
     JobRef,
@@ -116,15 +117,15 @@ def load_model(cfg: DictConfig, job: Optional[JobRef], use_adapter: bool = True,
 
 
 # ---- prompts ---------------------------------------------------------------------------------
-def encode_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation up to the assistant's turn, built as training builds them."""
-    ids, rendered = [], ""
-    for index in range(len(messages)):
-        text = render_messages(tokenizer, messages[: index + 1])
-        ids += tokens_extending(tokenizer, rendered, text)
-        rendered = text
-    header = render_messages(tokenizer, messages, add_generation_prompt=True)
-    return ids + tokens_extending(tokenizer, rendered, header)
+def encode_chat_prompt(tokenizer, messages: list[dict], tools: Optional[list] = None) -> list[int]:
+    """Token ids of a conversation up to the assistant's turn, built as training builds them.
+
+    `tools`: the functions the model may call, as the API's `tools` list or the legacy `functions`
+    list (None or [] for none). Messages may carry calls (`tool_calls` or `function_call`) and
+    results (`tool` / `function` messages), in either format; they render as training rendered them.
+    """
+    ids, _ = encode_conversation(tokenizer, messages, as_tools(tools), add_generation_prompt=True)
+    return ids
 
 
 def encode_completion_prompt(tokenizer, prompt: str) -> list[int]:

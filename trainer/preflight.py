@@ -212,8 +212,12 @@ def print_report(report: ValidationReport, console: Console) -> None:
 
 # --- estimate -------------------------------------------------------------------------------
 
-def count_file_tokens(path: Path, cfg, console: Console, *, skip_lines: frozenset = frozenset()) -> tuple[list, int]:
-    """(token counts, number of unparseable lines) for a file, with a progress bar."""
+def count_file_tokens(path: Path, cfg, console: Console, *, skip_lines: frozenset = frozenset(),
+                      functions: Optional[list] = None) -> tuple[list, int]:
+    """(token counts, number of unparseable lines) for a file, with a progress bar. `functions`, when
+    given, is appended one bool per counted example: whether it uses function calling."""
+    from trainer.data.tools import uses_functions
+
     encoding = tokens.get_encoding(cfg.model.encoding)
     fmt = tokens.as_format(cfg.model.format)
     counts, n_bad = [], 0
@@ -224,6 +228,8 @@ def count_file_tokens(path: Path, cfg, console: Console, *, skip_lines: frozense
                 n_bad += 1
             elif line not in skip_lines:
                 counts.append(tokens.count_example_tokens(example, fmt, encoding))
+                if functions is not None:
+                    functions.append(uses_functions(example))
     return counts, n_bad
 
 
@@ -242,19 +248,28 @@ def run_estimate(cfg, run_dir: Path, console: Console, report: Optional[Validati
     if report is not None and report.moderation is not None and report.moderation.action == "drop":
         for f in report.moderation.flagged:
             dropped.setdefault(f["kind"], set()).add(f["line"])
-    counts, n_bad = {}, 0
+    counts, n_bad, n_with_functions = {}, 0, 0
     for kind, path in files.items():
         file_report = report.file(kind) if report is not None else None
         if file_report is not None and file_report.file_error is None:
             skip = dropped.get(kind, set())
             counts[kind] = [t for line, t in zip(file_report.token_lines, file_report.token_counts) if line not in skip]
+            with_functions = file_report.n_with_functions
         else:
-            counts[kind], bad = count_file_tokens(path, cfg, console, skip_lines=frozenset(dropped.get(kind, ())))
+            flags: list = []
+            counts[kind], bad = count_file_tokens(path, cfg, console, skip_lines=frozenset(dropped.get(kind, ())),
+                                                  functions=flags)
             n_bad += bad
+            with_functions = sum(flags)
+        if kind == "train":
+            n_with_functions = with_functions
     estimate = cost.estimate_from_token_counts(cfg, counts["train"], validation_token_counts=counts.get("validation"))
     estimate["training_file"] = str(files["train"])
     if n_bad:
         estimate["n_unparseable_lines"] = n_bad
+    if n_with_functions:  # OpenAI has not published how it counts functions: the cookbook's approximation
+        estimate["n_examples_with_functions"] = n_with_functions
+        estimate["function_tokens"] = "approximate (OpenAI cookbook, num_tokens_for_tools)"
     budget = cfg.train.get("max_cost_usd")
     estimate["max_cost_usd"] = budget
     estimate["over_budget"] = budget is not None and estimate["training_cost_usd"] > float(budget)
@@ -286,6 +301,9 @@ def print_estimate(estimate: dict, console: Console) -> None:
     ]
     if "validation_tokens" in estimate:
         rows.append(("validation tokens (not billed)", f"{estimate['validation_tokens']:,}"))
+    if estimate.get("n_examples_with_functions"):
+        rows.append(("examples using functions (tokens approximate*)",
+                     f"{estimate['n_examples_with_functions']:,}"))
     local = estimate.get("local") or {}
     if local.get("tokens_per_second"):
         rows += [
@@ -297,6 +315,10 @@ def print_estimate(estimate: dict, console: Console) -> None:
     for label, value in rows:
         table.add_row(Text(label), Text(value))
     console.print(table)
+    if estimate.get("n_examples_with_functions"):
+        console.print("* function definitions and calls are counted with the OpenAI cookbook's approximation "
+                      "(num_tokens_for_tools); OpenAI has not published its formula, so billed tokens and cost "
+                      "are approximate for those examples", highlight=False)
     if estimate.get("n_unparseable_lines"):
         console.print(f"[yellow]{estimate['n_unparseable_lines']} line(s) could not be parsed and are not counted — run `ftlab validate`[/yellow]")
     if estimate.get("over_budget"):

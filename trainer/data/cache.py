@@ -1,14 +1,15 @@
 """Tokenize once: a tokenized data file is kept under ``<cache_dir>/tokenized/``, keyed by the
 file's bytes, the tokenizer (vocabulary, special tokens, chat template), the format, max_length
-and the tokenization code itself, so a re-run, a resume or every job of a sweep skips parsing and
-tokenizing. Any change to one of those gives a new key; an unreadable entry is rebuilt."""
+and the tokenization code itself (tokenize.py, and tools.py's rendering of function calls), so a
+re-run, a resume or every job of a sweep skips parsing and tokenizing. Any change to one of those
+gives a new key; an unreadable entry is rebuilt."""
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from trainer.data import tokenize
+from trainer.data import tokenize, tools
 from trainer.data.jsonl import load_examples
 from trainer.data.tokenize import TokenizedDataset, TokenizedExample, tokenize_examples
 from trainer.files import atomic_writer, sha256_of
@@ -24,7 +25,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(path: Path, tokenizer, chat: bool, max_length: int) -> str:
     """The cache entry's name for this file tokenized this way."""
-    code = hashlib.sha256(Path(tokenize.__file__).read_bytes()).hexdigest()
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (tokenize, tools))).hexdigest()
     parts = [sha256_of(path), tokenizer_fingerprint(tokenizer), code, "chat" if chat else "prompt", str(max_length)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 

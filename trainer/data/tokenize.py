@@ -1,8 +1,11 @@
 """Examples to tensors: render with the backbone's template, mask the loss, pad per batch.
 
-Chat examples are rendered one message at a time with the backbone's chat template; each
+Chat examples are rendered with the backbone's chat template, cut at the assistant turns: the
+conversation up to each reply (with the generation prompt), then up to the end of the reply; each
 rendering must extend the previous one (true of ChatML and the common templates). Labels are
-the token ids of assistant replies whose ``weight`` is not 0 and -100 everywhere else.
+the token ids of assistant replies whose ``weight`` is not 0 (their function calls included) and
+-100 everywhere else. Examples that declare functions or carry calls render as
+`trainer.data.tools` describes: natively when the template handles tools, else the fallback.
 Prompt/completion examples are trained on the completion and the end-of-sequence token only.
 
 A batch is either padded (one row per example, padded to the longest) or packed (the batch's
@@ -13,8 +16,17 @@ per-example losses equal the padded batch's. Every batch carries ``row_tokens``,
 """
 import random
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+
+from trainer.data.tools import (
+    declared_tools,
+    fallback_messages,
+    needs_tool_rendering,
+    template_messages,
+    template_supports_tools,
+)
 
 IGNORE_INDEX = -100
 
@@ -50,10 +62,19 @@ class TokenizedDataset:
         return sum(e.n_supervised for e in self.examples)
 
 
-def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as the backbone's chat template renders it ("" for no messages)."""
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: Optional[list] = None) -> str:
+    """The conversation as the backbone's chat template renders it ("" for no messages).
+
+    `tools` (a `tools` list, see `trainer.data.tools.as_tools`) and messages with calls or results are
+    rendered natively when the template supports tools, else with the documented fallback."""
     if not messages:
         return ""
+    if needs_tool_rendering(messages, tools):
+        if template_supports_tools(tokenizer):
+            return tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        messages = fallback_messages(messages, tools)
     plain = [{"role": m["role"], "content": m.get("content") or ""} | ({"name": m["name"]} if "name" in m else {}) for m in messages]
     return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -68,26 +89,39 @@ def tokens_extending(tokenizer, previous: str, current: str) -> list[int]:
     return tokenizer(current[len(previous):], add_special_tokens=False)["input_ids"]
 
 
-def encode_chat(example: dict, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels for a chat example; only trained assistant replies carry labels."""
-    messages = example["messages"]
+def encode_conversation(tokenizer, messages: list[dict], tools: Optional[list] = None,
+                        add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation, rendered in pieces cut at the assistant turns.
+
+    Labels are the ids of assistant replies whose weight is not 0, -100 elsewhere. With
+    `add_generation_prompt` the ids end with the header of the reply to generate: exactly the ids
+    training had before that reply, which is how inference encodes prompts."""
     input_ids: list[int] = []
     labels: list[int] = []
     rendered = ""
+
+    def extend(text: str, trained: bool) -> None:
+        nonlocal rendered
+        ids = tokens_extending(tokenizer, rendered, text)
+        input_ids.extend(ids)
+        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+        rendered = text
+
     for index, message in enumerate(messages):
         if message["role"] == "assistant":
-            header = render_messages(tokenizer, messages[:index], add_generation_prompt=True)
-            ids = tokens_extending(tokenizer, rendered, header)
-            input_ids += ids
-            labels += [IGNORE_INDEX] * len(ids)
-            rendered = header
-        text = render_messages(tokenizer, messages[: index + 1])
-        ids = tokens_extending(tokenizer, rendered, text)
-        trained = message["role"] == "assistant" and message.get("weight", 1) != 0
-        input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
-        rendered = text
+            extend(render_messages(tokenizer, messages[:index], add_generation_prompt=True, tools=tools), False)
+            extend(render_messages(tokenizer, messages[: index + 1], tools=tools), message.get("weight", 1) != 0)
+    if add_generation_prompt:
+        extend(render_messages(tokenizer, messages, add_generation_prompt=True, tools=tools), False)
+    elif messages and messages[-1]["role"] != "assistant":
+        extend(render_messages(tokenizer, messages, tools=tools), False)
     return input_ids, labels
+
+
+def encode_chat(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels for a chat example (its declared functions included); only trained assistant
+    replies carry labels."""
+    return encode_conversation(tokenizer, example["messages"], declared_tools(example))
 
 
 def encode_prompt_completion(example: dict, tokenizer) -> tuple[list[int], list[int]]:

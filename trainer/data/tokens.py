@@ -4,17 +4,33 @@ Counting follows OpenAI's cookbook for chat fine-tuning data: each message costs
 the tokens of each of its string values (role and content included), a `name` costs 1 more, and
 every example costs 3 more (the assistant reply priming). A prompt/completion example costs the
 tokens of prompt + completion. The validator counts while it reads; `trainer.cost` prices the sums.
+
+Function calling is approximate: OpenAI has not published how it counts function definitions.
+Declared functions (`tools` or `functions`) are counted with the cookbook's approximation
+(`num_tokens_for_tools` in "How to count tokens with tiktoken"): per function `func_init` + the
+tokens of "name:description", then `prop_init` once and per property `prop_key` + the tokens of
+"key:type:description" (+ `enum_init`, and `enum_item` + the item's tokens per enum value), and
+`func_end` once for the list. A call costs the tokens of its name and its arguments string; call
+ids and `tool_call_id`s are not counted.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+from trainer.data.tools import declared_tools, message_calls
 from trainer.schema import DataFormat
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 TOKENS_PER_EXAMPLE = 3  # every reply is primed with <|start|>assistant<|message|>
+NOT_COUNTED = ("tool_call_id",)  # an id matches a result to its call; the model never reads it
+# The cookbook's constants for function definitions, by the family's encoding:
+# o200k_base for gpt-4o and gpt-4o-mini, cl100k_base for gpt-3.5-turbo and gpt-4.
+FUNCTION_TOKENS = {
+    "o200k_base": {"func_init": 7, "prop_init": 3, "prop_key": 3, "enum_init": -3, "enum_item": 3, "func_end": 12},
+    "cl100k_base": {"func_init": 10, "prop_init": 3, "prop_key": 3, "enum_init": -3, "enum_item": 3, "func_end": 12},
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,11 +69,55 @@ def _n_tokens(text: Any, encoding) -> int:
     return len(encoding.encode_ordinary(text)) if isinstance(text, str) else 0
 
 
+def _function_constants(encoding) -> dict:
+    name = getattr(encoding, "name", "").removesuffix("_offline")
+    return FUNCTION_TOKENS.get(name, FUNCTION_TOKENS["cl100k_base"])
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else (
+        ",".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
+def count_function_tokens(tools: list[dict], encoding) -> int:
+    """Tokens of declared functions (a `tools` list), by the cookbook's approximation (0 for none)."""
+    if not tools:
+        return 0
+    c = _function_constants(encoding)
+    total = 0
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict):
+            continue
+        total += c["func_init"] + _n_tokens(f"{_text(function.get('name'))}:{_text(function.get('description')).removesuffix('.')}", encoding)
+        parameters = function.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        if not isinstance(properties, dict) or not properties:
+            continue
+        total += c["prop_init"]
+        for key, spec in properties.items():
+            spec = spec if isinstance(spec, dict) else {}
+            total += c["prop_key"]
+            if isinstance(spec.get("enum"), list):
+                total += c["enum_init"]
+                for item in spec["enum"]:
+                    total += c["enum_item"] + _n_tokens(_text(item), encoding)
+            description = _text(spec.get("description")).removesuffix(".")
+            total += _n_tokens(f"{key}:{_text(spec.get('type'))}:{description}", encoding)
+    return total + c["func_end"]
+
+
+def count_call_tokens(message: Any, encoding) -> int:
+    """Tokens of an assistant message's calls: each call's name and arguments string."""
+    return sum(_n_tokens(call["name"], encoding) + _n_tokens(call["arguments"], encoding)
+               for call in message_calls(message))
+
+
 def count_example_tokens(example: dict, fmt: DataFormat, encoding) -> int:
     """Tokens of one example as the cookbook counts them (before the context-length cap).
 
-    Non-string values (`weight`, a `function_call` object) add no tokens; a malformed example
-    counts what it can rather than raising.
+    Non-string values (`weight`) add no tokens; declared functions and calls are counted as the module
+    docstring says (approximate); a malformed example counts what it can rather than raising.
     """
     if not isinstance(example, dict):
         return 0
@@ -66,20 +126,22 @@ def count_example_tokens(example: dict, fmt: DataFormat, encoding) -> int:
     messages = example.get("messages")
     if not isinstance(messages, list):
         return 0
-    total = TOKENS_PER_EXAMPLE
+    total = TOKENS_PER_EXAMPLE + count_function_tokens(declared_tools(example), encoding)
     for message in messages:
         total += TOKENS_PER_MESSAGE
         if not isinstance(message, dict):
             continue
         for key, value in message.items():
-            total += _n_tokens(value, encoding)
+            if key not in NOT_COUNTED:
+                total += _n_tokens(value, encoding)
             if key == "name":
                 total += TOKENS_PER_NAME
+        total += count_call_tokens(message, encoding)
     return total
 
 
 def count_assistant_tokens(example: dict, fmt: DataFormat, encoding) -> int:
-    """Tokens the model is trained to produce: assistant contents (chat) or the completion."""
+    """Tokens the model is trained to produce: assistant contents and calls (chat) or the completion."""
     if not isinstance(example, dict):
         return 0
     if as_format(fmt) == DataFormat.prompt_completion:
@@ -88,7 +150,7 @@ def count_assistant_tokens(example: dict, fmt: DataFormat, encoding) -> int:
     if not isinstance(messages, list):
         return 0
     return sum(
-        _n_tokens(m.get("content"), encoding)
+        _n_tokens(m.get("content"), encoding) + count_call_tokens(m, encoding)
         for m in messages
         if isinstance(m, dict) and m.get("role") == "assistant"
     )

@@ -6,12 +6,18 @@ cookbook's statistics. `validate_files` checks the training and validation files
 (validation examples that repeat training examples are flagged) and returns a
 `ValidationReport`, whose `to_json()` is the content of validation.json.
 
+Function calling (both formats, see `trainer.data.tools`) is checked too: declared `tools` /
+`functions` must be well-formed function schemas, every call must name a declared function with
+`arguments` holding a JSON object, every `tool` result must answer an earlier call, and one example
+may not mix the formats (errors); arguments that break the declared JSON schema are warnings.
+
 Every issue carries file, line, code and a one-line message that ends with how to fix it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,11 +25,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from trainer.data.tokens import as_format, count_assistant_tokens, count_example_tokens
+from trainer.data.tools import message_calls, parse_arguments, uses_functions
 from trainer.data.jsonl import FIXES as LINE_FIXES, DataFileError, iter_jsonl, split_error
 from trainer.schema import DataFormat
 
-ROLES = ("system", "user", "assistant", "function")
-MESSAGE_KEYS = ("role", "content", "name", "function_call", "weight")
+ROLES = ("system", "user", "assistant", "function", "tool")
+MESSAGE_KEYS = ("role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight")
+EXAMPLE_KEYS = ("messages", "tools", "functions", "parallel_tool_calls")
+LEGACY_KEYS, TOOLS_KEYS = ("functions", "function_call"), ("tools", "tool_calls", "tool_call_id", "parallel_tool_calls")
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what the hosted API accepts as a function name
+MAX_SCHEMA_PROBLEMS = 3  # schema problems named per call (the rest are counted)
 PROMPT_COMPLETION_KEYS = ("prompt", "completion")
 HOSTED_MIN_EXAMPLES = 10  # the hosted service refuses fewer
 RECOMMENDED_MIN_EXAMPLES = 50  # OpenAI: clear improvements from 50 to 100 examples
@@ -32,7 +43,7 @@ MAX_LISTED_PER_CODE = 50  # issues listed per (file, code); the rest are counted
 FIXES = LINE_FIXES | {  # one table: reading a line (jsonl.py) and checking what it holds
     "data_type": 'each line must be a JSON object such as {"messages": [...]}',
     "missing_messages_list": 'give the example a non-empty "messages" list',
-    "message_missing_key": 'every message needs "role" and "content"',
+    "message_missing_key": 'every message needs "role" and "content" (an assistant message that makes a call may leave content out)',
     "message_unrecognized_key": f"remove it; allowed keys are {', '.join(MESSAGE_KEYS)}",
     "unrecognized_role": f"use one of {', '.join(ROLES)}",
     "missing_content": "give the message non-empty string content",
@@ -43,6 +54,19 @@ FIXES = LINE_FIXES | {  # one table: reading a line (jsonl.py) and checking what
     "no_system_message": "optional; add the system prompt you will use at inference, if any",
     "no_user_message": "add the user turn the reply answers",
     "too_long": "shorten the example or split the conversation",
+    "unrecognized_example_key": f"remove it; an example takes {', '.join(EXAMPLE_KEYS)}",
+    "invalid_tools": 'make "tools" a list of {"type": "function", "function": {"name", "description", "parameters"}} with unique names',
+    "invalid_functions": 'make "functions" a list of {"name", "description", "parameters"} with unique names',
+    "mixed_function_formats": 'use one format per example: "functions" + "function_call" + role "function", or "tools" + "tool_calls" + role "tool"',
+    "invalid_function_call": 'give assistant messages "function_call": {"name": "<declared function>", "arguments": "<JSON object as a string>"}',
+    "invalid_tool_call": 'give assistant messages "tool_calls": [{"id": "call_…", "type": "function", "function": {"name", "arguments"}}] with unique ids',
+    "undeclared_function": 'declare the function in the example\'s "tools" (or "functions"), or call one that is declared',
+    "invalid_arguments": 'make "arguments" a string holding a JSON object, e.g. "{\\"city\\": \\"Porto\\"}"',
+    "missing_tool_call_id": 'give the tool message the "tool_call_id" of the call it answers',
+    "unknown_tool_call_id": "use the id of a tool call made earlier in the conversation",
+    "missing_function_name": 'give the function message the "name" of the function whose result it carries',
+    "invalid_parallel_tool_calls": 'use "parallel_tool_calls": true or false; with false, make at most one tool call per assistant message',
+    "arguments_schema_mismatch": "make the arguments fit the function's declared parameters (required keys, enum values, types)",
     "duplicate": "remove the repeat",
     "validation_in_train": "keep validation examples out of the training file",
     "empty_assistant_content": 'give it content or set "weight": 0 so it is not trained',
@@ -100,7 +124,8 @@ def chat_errors(example: Any) -> list[tuple[str, str]]:
         if not isinstance(message, dict):
             errors.append(("data_type", f"message {index} is a JSON {_type_name(message)}, not an object"))
             continue
-        missing = [key for key in ("role", "content") if key not in message]
+        calls = message.get("role") == "assistant" and bool(message.get("function_call") or message.get("tool_calls"))
+        missing = [key for key in ("role", "content") if key not in message and not (key == "content" and calls)]
         if missing:
             errors.append(("message_missing_key", f"message {index} has no {' or '.join(repr(k) for k in missing)}"))
         unknown = [key for key in message if key not in MESSAGE_KEYS]
@@ -111,15 +136,15 @@ def chat_errors(example: Any) -> list[tuple[str, str]]:
             errors.append(("unrecognized_role", f"message {index} has role {json.dumps(role)[:40]}"))
         if "content" in message:
             content = message["content"]
-            if content is None and message.get("function_call"):
-                pass  # a function call carries no content
+            if content is None and (message.get("function_call") or message.get("tool_calls")):
+                pass  # a call may carry no content
             elif not isinstance(content, str):
                 errors.append(("missing_content", f"message {index} content is {_type_name(content)}, not a string"))
             elif content == "" and role != "assistant":  # empty assistant content is a warning
                 errors.append(("missing_content", f"message {index} ({role}) has empty content"))
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         errors.append(("example_missing_assistant_message", "no message has role \"assistant\""))
-    return errors
+    return errors + function_errors(example)
 
 
 def chat_warnings(example: dict) -> list[tuple[str, str]]:
@@ -134,7 +159,7 @@ def chat_warnings(example: dict) -> list[tuple[str, str]]:
     trained = 0
     for index, message in enumerate(messages, 1):
         role = message.get("role")
-        if role == "assistant" and message.get("content") == "" and not message.get("function_call"):
+        if role == "assistant" and message.get("content") == "" and not message_calls(message):
             warnings.append(("empty_assistant_content", f"message {index} (assistant) has empty content"))
         if "weight" in message:
             weight = message["weight"]
@@ -146,6 +171,211 @@ def chat_warnings(example: dict) -> list[tuple[str, str]]:
             trained += 1
     if trained == 0:
         warnings.append(("no_trained_messages", "every assistant message has weight 0, nothing is trained"))
+    unknown = [key for key in example if key not in EXAMPLE_KEYS]
+    if unknown:
+        warnings.append(("unrecognized_example_key", f"unrecognized top-level key(s) {', '.join(map(repr, unknown))}, ignored"))
+    return warnings + function_warnings(example)
+
+
+# --- function calling: each returns [(code, what)] ----------------------------------------
+
+def _declared(example: dict) -> tuple[dict, list]:
+    """({name: parameters schema} of the example's functions, [(code, what)] for a malformed declaration)."""
+    key = "tools" if "tools" in example else "functions" if "functions" in example else None
+    if key is None:
+        return {}, []
+    code, entries = f"invalid_{key}", example[key]
+    if not isinstance(entries, list):
+        return {}, [(code, f'"{key}" is {_type_name(entries)}, not a list')]
+    declared, errors = {}, []
+    for index, entry in enumerate(entries):
+        where = f'"{key}"[{index}]'
+        function = entry
+        if key == "tools":
+            if not isinstance(entry, dict) or entry.get("type") != "function" or not isinstance(entry.get("function"), dict):
+                errors.append((code, f'{where} is not {{"type": "function", "function": {{...}}}}'))
+                continue
+            function = entry["function"]
+            where += '.function'
+        if not isinstance(function, dict):
+            errors.append((code, f"{where} is {_type_name(function)}, not an object"))
+            continue
+        name = function.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+            errors.append((code, f"{where} has name {json.dumps(name)[:40]}; use 1-64 letters, digits, _ or -"))
+            continue
+        if name in declared:
+            errors.append((code, f"{where} declares {name!r} a second time"))
+        if "description" in function and not isinstance(function["description"], str):
+            errors.append((code, f"{where} ({name}) description is {_type_name(function['description'])}, not a string"))
+        parameters = function.get("parameters", {})
+        problem = _schema_shape_problem(parameters)
+        if problem:
+            errors.append((code, f"{where} ({name}) parameters {problem}"))
+            parameters = {}
+        declared[name] = parameters
+    return declared, errors
+
+
+def _schema_shape_problem(parameters: Any) -> Optional[str]:
+    """Why `parameters` is not a usable JSON schema of an object, or None."""
+    if not isinstance(parameters, dict):
+        return f"is {_type_name(parameters)}, not a JSON schema object"
+    if parameters.get("type", "object") != "object":
+        return f'has type {json.dumps(parameters.get("type"))[:30]}, not "object"'
+    properties = parameters.get("properties", {})
+    if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
+        return '"properties" is not an object of schemas'
+    required = parameters.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+        return '"required" is not a list of key names'
+    return None
+
+
+def _format_fields(example: dict, messages: list) -> tuple[list, list]:
+    """(legacy fields used, tools fields used) in one example, for the mixed-formats check."""
+    legacy = [k for k in ("functions",) if k in example]
+    new = [k for k in ("tools", "parallel_tool_calls") if k in example]
+    for m in messages:
+        legacy += [k for k in ("function_call",) if k in m] + (['role "function"'] if m.get("role") == "function" else [])
+        new += [k for k in ("tool_calls", "tool_call_id") if k in m] + (['role "tool"'] if m.get("role") == "tool" else [])
+    return list(dict.fromkeys(legacy)), list(dict.fromkeys(new))
+
+
+def _call_errors(call: Any, where: str, code: str, declared: dict) -> list:
+    """Errors of one call ({"name", "arguments"}): its shape, its function, its arguments."""
+    if not isinstance(call, dict):
+        return [(code, f"{where} is {_type_name(call)}, not an object")]
+    name = call.get("name")
+    if not isinstance(name, str) or not name:
+        return [(code, f"{where} has no function name")]
+    errors = []
+    if name not in declared:
+        known = ", ".join(map(repr, declared)) or "none"
+        errors.append(("undeclared_function", f"{where} calls {name!r}, which the example does not declare (declared: {known})"))
+    arguments = call.get("arguments")
+    if not isinstance(arguments, str):
+        errors.append(("invalid_arguments", f"{where} arguments are {_type_name(arguments)}, not a string"))
+    elif not isinstance(parse_arguments(arguments), dict):
+        parsed = parse_arguments(arguments)
+        what = "not valid JSON" if parsed is None and arguments.strip() != "null" else f"a JSON {_type_name(parsed)}, not an object"
+        errors.append(("invalid_arguments", f"{where} arguments are {what}: {arguments[:40]!r}"))
+    return errors
+
+
+def function_errors(example: dict) -> list[tuple[str, str]]:
+    """Errors in an example's function declarations, calls and results (empty when it uses none)."""
+    messages = [m for m in example.get("messages") or [] if isinstance(m, dict)]
+    legacy, new = _format_fields(example, messages)
+    errors = []
+    if legacy and new:
+        errors.append(("mixed_function_formats", f"mixes {', '.join(legacy)} (legacy) with {', '.join(new)}"))
+    declared, declaration_errors = _declared(example)
+    errors += declaration_errors
+    parallel = example.get("parallel_tool_calls")
+    if "parallel_tool_calls" in example and not isinstance(parallel, bool):
+        errors.append(("invalid_parallel_tool_calls", f'"parallel_tool_calls" is {_type_name(parallel)}, not true or false'))
+    call_ids: set = set()
+    for index, message in enumerate(example.get("messages") or [], 1):
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if "function_call" in message:
+            if role != "assistant":
+                errors.append(("invalid_function_call", f"message {index} ({role}) has a function_call; only assistant messages call"))
+            else:
+                errors += _call_errors(message["function_call"], f"message {index} function_call", "invalid_function_call", declared)
+        if "tool_calls" in message:
+            calls = message["tool_calls"]
+            if role != "assistant":
+                errors.append(("invalid_tool_call", f"message {index} ({role}) has tool_calls; only assistant messages call"))
+            elif not isinstance(calls, list) or not calls:
+                errors.append(("invalid_tool_call", f"message {index} tool_calls is {'empty' if calls == [] else 'a ' + _type_name(calls)}"))
+            else:
+                if parallel is False and len(calls) > 1:
+                    errors.append(("invalid_parallel_tool_calls",
+                                   f"message {index} makes {len(calls)} tool calls but \"parallel_tool_calls\" is false"))
+                for n, call in enumerate(calls):
+                    where = f"message {index} tool_calls[{n}]"
+                    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+                        errors.append(("invalid_tool_call", f'{where} is not {{"id", "type": "function", "function": {{...}}}}'))
+                        continue
+                    ident = call.get("id")
+                    if not isinstance(ident, str) or not ident:
+                        errors.append(("invalid_tool_call", f"{where} has no id"))
+                    elif ident in call_ids:
+                        errors.append(("invalid_tool_call", f"{where} reuses id {ident!r}"))
+                    if call.get("type", "function") != "function":
+                        errors.append(("invalid_tool_call", f'{where} has type {json.dumps(call.get("type"))[:30]}, not "function"'))
+                    errors += _call_errors(call["function"], where, "invalid_tool_call", declared)
+                    if isinstance(ident, str) and ident:
+                        call_ids.add(ident)
+        if role == "tool":
+            ident = message.get("tool_call_id")
+            if not isinstance(ident, str) or not ident:
+                errors.append(("missing_tool_call_id", f"message {index} (tool) has no tool_call_id"))
+            elif ident not in call_ids:
+                errors.append(("unknown_tool_call_id", f"message {index} (tool) answers {ident!r}, which no earlier tool call has"))
+        elif "tool_call_id" in message:
+            errors.append(("invalid_tool_call", f"message {index} ({role}) has a tool_call_id; only tool messages answer calls"))
+        if role == "function" and not (isinstance(message.get("name"), str) and message["name"]):
+            errors.append(("missing_function_name", f"message {index} (function) has no name"))
+    return errors
+
+
+SCHEMA_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "null": lambda v: v is None,
+}
+
+
+def schema_problems(value: Any, schema: Any, path: str = "") -> list[str]:
+    """How `value` breaks a JSON schema, for the keywords function parameters use: type, enum,
+    properties, required, additionalProperties: false, items. Unknown keywords are not checked."""
+    if not isinstance(schema, dict):
+        return []
+    name = path or "arguments"
+    expected = schema.get("type")
+    types = expected if isinstance(expected, list) else [expected] if isinstance(expected, str) else []
+    if types and not any(SCHEMA_TYPES.get(t, lambda v: True)(value) for t in types):
+        return [f"{name} is {_type_name(value)}, not {' or '.join(types)}"]
+    problems = []
+    enum = schema.get("enum")
+    if isinstance(enum, list) and value not in enum:
+        problems.append(f"{name} is {json.dumps(value)[:40]}, not one of {json.dumps(enum)[:80]}")
+    if isinstance(value, dict):
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        problems += [f"{path + '.' if path else ''}{key} is missing (required)" for key in required if key not in value]
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in properties:
+                problems += schema_problems(item, properties[key], where)
+            elif schema.get("additionalProperties") is False:
+                problems.append(f"{where} is not a declared parameter")
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            problems += schema_problems(item, schema["items"], f"{name}[{index}]")
+    return problems
+
+
+def function_warnings(example: dict) -> list[tuple[str, str]]:
+    """Warnings for an example without errors: calls whose arguments break the declared schema."""
+    declared, _ = _declared(example)
+    warnings = []
+    for index, message in enumerate(example["messages"], 1):
+        for n, call in enumerate(message_calls(message)):
+            problems = schema_problems(parse_arguments(call["arguments"]), declared.get(call["name"], {}))
+            if problems:
+                more = f" (and {len(problems) - MAX_SCHEMA_PROBLEMS} more)" if len(problems) > MAX_SCHEMA_PROBLEMS else ""
+                where = f"message {index} " + (f"tool_calls[{n}]" if "tool_calls" in message else "function_call")
+                warnings.append(("arguments_schema_mismatch",
+                                 f"{where} to {call['name']!r}: {'; '.join(problems[:MAX_SCHEMA_PROBLEMS])}{more}"))
     return warnings
 
 
@@ -226,6 +456,7 @@ class FileReport:
     token_counts: array = field(default_factory=lambda: array("q"))
     assistant_token_counts: array = field(default_factory=lambda: array("q"))
     messages_per_example: array = field(default_factory=lambda: array("q"))
+    n_with_functions: int = 0  # valid examples that declare functions or carry calls (their tokens are approximate)
     digests: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -267,6 +498,7 @@ class FileReport:
             stats["assistant_tokens_per_example"] = distribution(self.assistant_token_counts)
             stats["n_missing_system"] = self.warning_counts.get("no_system_message", 0)
             stats["n_missing_user"] = self.warning_counts.get("no_user_message", 0)
+            stats["n_with_functions"] = self.n_with_functions
         else:
             stats["completion_tokens_per_example"] = distribution(self.assistant_token_counts)
         return stats
@@ -329,6 +561,7 @@ def validate_file(
             report.assistant_token_counts.append(count_assistant_tokens(example, fmt, encoding))
             if fmt == DataFormat.chat:
                 report.messages_per_example.append(len(example["messages"]))
+                report.n_with_functions += uses_functions(example)
             else:
                 prompt, completion = example["prompt"], example["completion"]
                 prompt_suffix = prompt if prompt_suffix is None else _common_suffix(prompt_suffix, prompt)

@@ -45,10 +45,24 @@ class StreamOptions(_Body):
     include_usage: Optional[bool] = False
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(_Body):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: str
     content: Union[str, list[dict[str, Any]], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
+    function_call: Optional[FunctionCall] = None  # legacy: an assistant's earlier call
 
 
 class _Sampled(_Body):
@@ -68,6 +82,11 @@ class _Sampled(_Body):
 class ChatRequest(_Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Optional[list[dict[str, Any]]] = Field(None, max_length=128)  # [{"type": "function", "function": {...}}]
+    tool_choice: Union[str, dict[str, Any], None] = None  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: Optional[bool] = None
+    functions: Optional[list[dict[str, Any]]] = Field(None, max_length=128)  # legacy
+    function_call: Union[str, dict[str, Any], None] = None  # legacy: none | auto | {"name": ...}
 
 
 class CompletionRequest(_Sampled):
@@ -152,8 +171,16 @@ def _messages(body: ChatRequest) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool", "function"):
             raise APIError(400, f"messages[{index}].role: {message.role!r} is not one of system, developer, user, "
                            "assistant, tool", param=f"messages.[{index}].role", code="invalid_value")
-        messages.append({"role": role, "content": _text_content(message, index)}
-                        | ({"name": message.name} if message.name else {}))
+        entry = {"role": role, "content": _text_content(message, index)}
+        if message.name:
+            entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump(include={"id", "type", "function"}) for call in message.tool_calls]
+        if message.function_call:
+            entry["function_call"] = message.function_call.model_dump(include={"name", "arguments"})
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        messages.append(entry)
     return messages
 
 
@@ -219,7 +246,7 @@ def _event(payload: dict) -> str:
 
 
 async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage_chunk):
-    """SSE events from a producer thread: `frame(kind, index, text, finish_reason)` shapes each chunk.
+    """SSE events from a producer thread: `frame(kind, index, text, finish_reason)` shapes the chunks (a list).
 
     The producer generates into a queue and checks `cancelled` at every token, so a client that goes
     away (this generator closed or cancelled) frees the model at the next token.
@@ -250,9 +277,8 @@ async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage
     try:
         for number in range(len(prompts)):
             for row in range(sampling.n):
-                first = frame("start", number * sampling.n + row, "", None)
-                if first is not None:
-                    yield _event(first)
+                for chunk in frame("start", number * sampling.n + row, "", None):
+                    yield _event(chunk)
         threading.Thread(target=produce, name="ftlab-generate", daemon=True).start()
         while True:
             kind, number, item = await events.get()
@@ -265,10 +291,12 @@ async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage
                 return
             index = number * sampling.n + item.index
             if item.text:
-                yield _event(frame("delta", index, item.text, None))
+                for chunk in frame("delta", index, item.text, None):
+                    yield _event(chunk)
             if item.finish_reason is not None:
                 completion_tokens += item.n_tokens
-                yield _event(frame("finish", index, "", item.finish_reason))
+                for chunk in frame("finish", index, "", item.finish_reason):
+                    yield _event(chunk)
         if usage_chunk is not None:
             yield _event(usage_chunk(_usage(sum(len(p) for p in prompts), completion_tokens)))
         yield "data: [DONE]\n\n"
@@ -282,13 +310,103 @@ def _generation_error(error: Exception) -> APIError:
                     code="internal_error")
 
 
+# ---- function calling ------------------------------------------------------------------------
+class _Calling:
+    """The tools of one chat request, and how its replies are read back into calls.
+
+    `tool_choice: "none"` (legacy `function_call: "none"`) renders no tools, so the model answers in
+    text. `required` or a named function is accepted but not enforced while decoding: the reply is
+    read for calls either way. `parallel_tool_calls: false` keeps the first call. A request in the
+    legacy format (`functions`) gets `function_call` back, the new format `tool_calls`.
+    """
+
+    def __init__(self, tools: Optional[list], legacy: bool, parallel: bool):
+        self.tools, self.legacy, self.parallel = tools, legacy, parallel
+
+    @classmethod
+    def of(cls, body: ChatRequest) -> "_Calling":
+        from trainer.data.tools import as_tools
+
+        legacy = not body.tools and bool(body.functions)
+        choice = body.function_call if legacy else body.tool_choice
+        declared = as_tools(body.functions if legacy else body.tools)
+        if (body.tools or body.functions) and not declared:
+            raise APIError(400, "tools: each entry must be {\"type\": \"function\", \"function\": {\"name\": …, "
+                           "\"parameters\": {…}}} (functions: {\"name\": …, \"parameters\": {…}})",
+                           param="functions" if legacy else "tools", code="invalid_value")
+        return cls(declared if declared and choice != "none" else None, legacy, body.parallel_tool_calls is not False)
+
+    def read(self, text: str) -> tuple[Optional[str], list[dict]]:
+        """(content, calls) of a whole reply; with no tools offered the reply is all content."""
+        from trainer.data.tools import parse_tool_calls
+
+        if not self.tools:
+            return text, []
+        content, calls = parse_tool_calls(text)
+        return content, calls if self.parallel else calls[:1]
+
+    def finish_reason(self, calls: list, finish_reason: str) -> str:
+        if not calls:
+            return finish_reason
+        return "function_call" if self.legacy else "tool_calls"
+
+    def choice(self, index: int, text: str, finish_reason: str) -> dict:
+        """A non-streamed choice: its message, with `tool_calls` (or legacy `function_call`) when it called."""
+        content, calls = self.read(text)
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if calls and self.legacy:
+            message["function_call"] = calls[0]["function"]
+        elif calls:
+            message["tool_calls"] = calls
+        return {"index": index, "message": message, "logprobs": None,
+                "finish_reason": self.finish_reason(calls, finish_reason)}
+
+
+class _ReplyStream:
+    """One streamed choice: text goes out as it comes, except what may still turn out to be a call
+    (from a `<tool_call>` opener, or a reply that starts as a JSON object), which waits for the end."""
+
+    def __init__(self, calling: _Calling):
+        self.calling, self.text, self.shown = calling, "", 0
+
+    def feed(self, text: str) -> str:
+        from trainer.data.tools import CALL_OPEN
+
+        self.text += text
+        if not self.calling.tools:
+            safe = len(self.text)
+        elif self.text.lstrip().startswith("{"):
+            safe = 0  # a bare JSON call, perhaps
+        else:
+            safe = self.text.find(CALL_OPEN)
+            safe = len(self.text) if safe < 0 else safe
+            for cut in range(1, len(CALL_OPEN)):  # the start of an opener split across tokens
+                if self.text[:safe].endswith(CALL_OPEN[:cut]):
+                    safe -= cut
+                    break
+            safe = len(self.text[:safe].rstrip())  # the content before a call ends stripped
+        safe = max(safe, self.shown)
+        shown, self.shown = self.text[self.shown:safe], safe
+        return shown
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """The content not yet sent, and the calls, once the reply is whole."""
+        content, calls = self.calling.read(self.text)
+        if not calls:
+            return self.text[self.shown:], []
+        sent = self.text[:self.shown]
+        content = content or ""
+        return (content[len(sent):] if content.startswith(sent) else ""), calls
+
+
 # ---- the endpoints ---------------------------------------------------------------------------
 @router.post("/chat/completions")
 def chat_completions(body: ChatRequest, request: Request):
     """POST /v1/chat/completions (chat models: families with the chat format, their ft: models and checkpoints)."""
     target = _target(request, body.model, chat=True)
     pool = _server(request).models
-    prompt_ids = target.encode_chat(_messages(body))
+    calling = _Calling.of(body)
+    prompt_ids = target.encode_chat(_messages(body), calling.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(body, target, len(prompt_ids), max_tokens, "messages")
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -299,11 +417,27 @@ def chat_completions(body: ChatRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
-        def frame(kind, index, text, finish_reason):
-            delta = {"role": "assistant", "content": ""} if kind == "start" else (
-                {"content": text} if kind == "delta" else {})
+        replies = {}  # choice index → _ReplyStream: holds back what may turn out to be a call
+
+        def chunk(index, delta, finish_reason=None):
             return head | {"choices": [{"index": index, "delta": delta, "logprobs": None,
                                         "finish_reason": finish_reason}]} | extra
+
+        def frame(kind, index, text, finish_reason):
+            if kind == "start":
+                replies[index] = _ReplyStream(calling)
+                return [chunk(index, {"role": "assistant", "content": ""})]
+            if kind == "delta":
+                shown = replies[index].feed(text)
+                return [chunk(index, {"content": shown})] if shown else []
+            rest, calls = replies[index].finish()
+            chunks = [chunk(index, {"content": rest})] if rest else []
+            if calls and calling.legacy:
+                chunks.append(chunk(index, {"function_call": calls[0]["function"]}))
+            elif calls:
+                chunks.append(chunk(index, {"tool_calls": [{"index": number} | call
+                                                           for number, call in enumerate(calls)]}))
+            return chunks + [chunk(index, {}, calling.finish_reason(calls, finish_reason))]
 
         usage_chunk = (lambda usage: head | {"choices": [], "usage": usage}) if include_usage else None
         return _SSE(_stream(pool, target, [prompt_ids], sampling, frame, usage_chunk),
@@ -315,8 +449,7 @@ def chat_completions(body: ChatRequest, request: Request):
     except Exception as error:  # noqa: BLE001
         raise _generation_error(error) from None
     return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"], "refusal": None},
-                         "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices],
+            "choices": [calling.choice(c["index"], c["text"], c["finish_reason"]) for c in choices],
             "usage": _usage(len(prompt_ids), sum(c["n_tokens"] for c in choices)), "system_fingerprint": None}
 
 
@@ -341,9 +474,9 @@ def completions(body: CompletionRequest, request: Request):
 
         def frame(kind, index, text, finish_reason):
             if kind == "start":
-                return None  # completions streams have no role chunk
-            return head | {"choices": [{"index": index, "text": text, "logprobs": None,
-                                        "finish_reason": finish_reason}]} | extra
+                return []  # completions streams have no role chunk
+            return [head | {"choices": [{"index": index, "text": text, "logprobs": None,
+                                         "finish_reason": finish_reason}]} | extra]
 
         usage_chunk = (lambda usage: head | {"choices": [], "usage": usage}) if include_usage else None
         return _SSE(_stream(pool, target, prompts, sampling, frame, usage_chunk),

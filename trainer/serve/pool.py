@@ -52,11 +52,11 @@ class Target:
     context_length: int = 4096
     encode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: Optional[list] = None) -> list[int]:
         from trainer.inference import encode_chat_prompt
 
         with self.encode_lock:
-            return encode_chat_prompt(self.tokenizer, messages)
+            return encode_chat_prompt(self.tokenizer, messages, tools)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         from trainer.inference import encode_completion_prompt
