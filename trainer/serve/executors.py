@@ -73,8 +73,7 @@ class LocalExecutor:
         """Start `ftlab train <args>` for the job in `run_dir`."""
         with open(Path(run_dir) / "process.log", "ab") as log:
             process = subprocess.Popen(train_command(args), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=job_environment(), start_new_session=True,
-                                       cwd=os.getcwd())
+                                       stdin=subprocess.DEVNULL, env=job_environment(), start_new_session=True)
         return ProcessHandle(process)
 
 

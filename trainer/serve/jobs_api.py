@@ -5,6 +5,7 @@ A job created here is an ordinary ftlab run directory (`<jobs_root>/jobs/<ftjob-
 `train.n_epochs=`, …), so the API and `ftlab jobs …` read one record.
 """
 import json
+import re
 import time
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -172,21 +173,32 @@ def job_row(server, job_id: str) -> dict:
     return row
 
 
-def _estimated_finish(record: dict, run_dir: Path) -> Optional[int]:
-    """While a job runs: when it should end, from its pace so far, else from the estimate."""
-    if record.get("status") != "running":
-        return None
-    started, step, total, now = None, 0, 0, time.time()
+def job_progress(run_dir: Path) -> dict:
+    """From events.jsonl: when training (last) started, the newest step and the total (metrics events)."""
+    started, step, total = None, 0, None
     path = run_dir / "events.jsonl"
     for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
         try:
             event = json.loads(line)
         except ValueError:
-            continue
-        if event.get("message", "").startswith("Fine-tuning job started"):
-            started, step = event["created_at"], 0
+            continue  # a line cut by a kill mid-write
+        message = str(event.get("message", ""))
+        if message.startswith("Fine-tuning job started"):
+            started, step = event.get("created_at"), 0
+            match = re.match(r"Fine-tuning job started: (\d+) steps", message)
+            total = int(match.group(1)) if match else total
         elif event.get("type") == "metrics":
-            step, total = event["data"].get("step", step), event["data"].get("total_steps", total)
+            data = event.get("data") or {}
+            step, total = data.get("step", step), data.get("total_steps", total)
+    return {"started_at": started, "step": step, "total_steps": total}
+
+
+def _estimated_finish(record: dict, run_dir: Path) -> Optional[int]:
+    """While a job runs: when it should end, from its pace so far, else from the estimate."""
+    if record.get("status") != "running":
+        return None
+    progress, now = job_progress(run_dir), time.time()
+    started, step, total = progress["started_at"], progress["step"], progress["total_steps"]
     if started and step and total:
         return int(now + (now - started) / step * (total - step))
     try:

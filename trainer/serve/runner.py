@@ -211,7 +211,6 @@ class JobRunner:
                        level="warn")
             index.move_job(row["id"], ("running",), "queued", restarts=row["restarts"] + 1)
         else:
-            index.move_job(row["id"], ("running",), "running")  # stays ours until _fail records it
             self._fail(row, "job_process_died", f"The job's process ended unexpectedly {row['restarts'] + 1} times "
                        f"(last exit code {returncode}); see {run_dir / 'process.log'}")
         self.wake()

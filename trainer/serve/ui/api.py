@@ -84,25 +84,6 @@ def jobs(request: Request, status: Optional[Status] = None, after: Optional[str]
         cursor = rows[-1]["id"]
 
 
-def _progress(run_dir: Path) -> dict:
-    """From events.jsonl: when training started and the newest step of the total (metrics events)."""
-    started, step, total = None, 0, None
-    path = run_dir / "events.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if str(event.get("message", "")).startswith("Fine-tuning job started"):
-            started = event.get("created_at")
-            match = re.match(r"Fine-tuning job started: (\d+) steps", event["message"])
-            total = int(match.group(1)) if match else total
-        elif event.get("type") == "metrics":
-            data = event.get("data") or {}
-            step, total = data.get("step", step), data.get("total_steps", total)
-    return {"started_at": started, "step": step, "total_steps": total}
-
-
 def _file_info(server, file_id: Optional[str]) -> Optional[dict]:
     from trainer.serve.files_api import file_object
 
@@ -116,7 +97,7 @@ def _file_info(server, file_id: Optional[str]) -> Optional[dict]:
 def job(request: Request, job_id: str) -> dict:
     """Everything the job page shows beyond the API's objects: the request, the run dir's validation.json
     and estimate.json, progress, which files and downloads exist."""
-    from trainer.serve.jobs_api import job_row, family_of, job_object
+    from trainer.serve.jobs_api import family_of, job_object, job_progress, job_row
 
     server = _server(request)
     row = job_row(server, job_id)
@@ -141,7 +122,7 @@ def job(request: Request, job_id: str) -> dict:
         "suffix": request_body.get("suffix"),
         "validation": reports.public_validation(_read_json(run_dir / "validation.json"), names),
         "estimate": estimate,
-        "progress": _progress(run_dir),
+        "progress": job_progress(run_dir),
         "files": {"training": _file_info(server, row["training_file"]),
                   "validation": _file_info(server, row["validation_file"])},
         "downloads": {"adapter": (run_dir / "adapter" / "adapter_config.json").is_file(),
