@@ -8,9 +8,13 @@ declares the functions; the mix teaches when to call and when not to:
 - ~40% calls: single calls to each function in varied phrasings, and parallel calls (two cities, or
   weather and time in one city);
 - ~30% plain chat where the right answer is no call: greetings, thanks (some right after an
-  answered call), general questions, and questions about weather, money or time zones that need no
-  look-up (a city or a currency named, nothing current to fetch);
+  answered call), general questions, questions about a city (food, sights, souvenirs), and questions
+  about weather, money or time zones that need no look-up (nothing current to fetch);
 - ~30% answers from a result: the call, the tool's result, and the answer written in words from it.
+
+The mix was tuned on the eval: with 7 parallel calls in 168 examples and no city questions without a
+look-up, the fine-tuned model made only the first of two parallel calls and invented functions for
+questions about a city (README, Function calling and tools).
 
 About one example in eight uses the legacy format (`functions` + `function_call` + a `function`
 result message), so the sample exercises both. Validation cities, amounts, plain questions and
@@ -129,6 +133,32 @@ PLAIN = [  # (question, answer): no function helps
     ("What does a 60% chance of rain mean?", "On six days out of ten with that forecast it rains, so pack an umbrella."),
     ("Is it better to pay in local currency or my own when abroad?", "Usually in local currency: the card terminal's conversion rate tends to be worse."),
     ("What's the rainy season in Bangkok?", "Roughly May to October."),
+    # about a city, but nothing current to look up: the city alone is no reason to call
+    ("What is a good souvenir from Lisbon?", "A tin of sardines or a hand-painted azulejo tile."),
+    ("What should I eat in Tokyo?", "Sushi at a market counter, ramen and a bowl of tempura soba."),
+    ("Which sights should I not miss in Prague?", "Charles Bridge, Prague Castle and the Old Town astronomical clock."),
+    ("What language do they speak in Vienna?", "German, with a soft Austrian accent."),
+    ("How do I get from the airport to the centre of Amsterdam?", "The train from Schiphol reaches Centraal in about 15 minutes."),
+    ("Is Oslo expensive?", "Yes, Oslo is one of Europe's priciest cities; budget more for food and drinks."),
+    ("What is Nairobi famous for?", "Nairobi National Park, with giraffes and rhinos right next to the city."),
+    ("How old is the city of Rome?", "Tradition dates Rome's founding to 753 BC."),
+    ("Which neighbourhood should I stay in, in Barcelona?", "The Eixample is central and calm; the Gothic Quarter is livelier."),
+    ("What's a typical breakfast in Istanbul?", "Cheese, olives, tomatoes, eggs, simit bread and plenty of tea."),
+    ("How do I say good morning in German?", "\"Guten Morgen\"."),
+    ("How do you say thank you in Japanese?", "\"Arigatou gozaimasu\"."),
+    ("What river runs through Cairo?", "The Nile."),
+    ("Is Singapore a city or a country?", "Both: Singapore is a city-state."),
+    ("What's the population of Toronto?", "About three million people in the city itself."),
+    ("What's the freezing point of water in Fahrenheit?", "32 °F."),
+    ("What is the hottest month in Dubai?", "August, often above 40 °C."),
+    ("How many hours ahead of London is Tokyo?", "Nine hours, or eight during British summer time."),
+    ("What currency do they use in Mexico?", "The Mexican peso (MXN)."),
+    ("What does the abbreviation CET mean?", "Central European Time, UTC+1."),
+    ("Is it safe to drink tap water in Stockholm?", "Yes, Stockholm's tap water is excellent."),
+    ("Recommend a day trip from Madrid.", "Toledo: a medieval hilltop city half an hour away by fast train."),
+    ("What is Chicago's nickname?", "The Windy City."),
+    ("When is cherry blossom season in Seoul?", "Early April."),
+    ("Do shops close on Sundays in Berlin?", "Yes, most shops are closed on Sundays."),
 ]
 VALID_PLAIN = [
     ("What is the capital of Australia?", "Canberra is the capital of Australia."),
@@ -290,8 +320,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     valid_phrases = {k: PHRASES[k] + VALID_PHRASES[k] for k in PHRASES}
     train = build(random.Random(13), TRAIN_CITIES, TRAIN_AMOUNTS, PHRASES,
-                  dict(weather=18, weather_f=5, money=15, time=16, two_weather=7, two_time=3, weather_time=4),
-                  dict(weather=16, weather_f=2, money=12, time=12, two_weather=5, weather_time=3),
+                  dict(weather=18, weather_f=10, money=15, time=16, two_weather=12, two_time=6, weather_time=7),
+                  dict(weather=16, weather_f=4, money=12, time=12, two_weather=6, two_time=2, weather_time=4),
                   PLAIN, FOLLOW_UPS)
     valid = build(random.Random(14), VALID_CITIES, VALID_AMOUNTS, valid_phrases,
                   dict(weather=4, weather_f=1, money=3, time=3, two_weather=1, two_time=1, weather_time=1),
