@@ -64,3 +64,41 @@ def test_a_trainable_head_is_not_fused():
     assert fusable_head(Model()) is None  # requires_grad: the loss must not own its gradient
     head.requires_grad_(False)
     assert fusable_head(Model()) is head
+
+
+def test_bf16_adapters_take_their_input_as_is_and_learn_what_the_fp32_cast_would(make_cfg):
+    """Under autocast PEFT's fp32 copy of each adapter's input is dropped: same loss and gradients, fp32 weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from trainer.model import Runtime, add_lora, load_base_model, load_tokenizer
+
+    cfg = make_cfg("lora.dropout=0")
+    tokenizer = load_tokenizer(cfg)
+    rows = [{"messages": [{"role": "user", "content": "fox " * (i + 2)}, {"role": "assistant", "content": "dog " * (i + 1)}]}
+            for i in range(3)]
+    batch = collate(tokenize_examples(list(enumerate(rows)), tokenizer, chat=True, max_length=64).examples,
+                    tokenizer.pad_token_id)
+    bf16 = Runtime("cpu", torch.bfloat16, "none")
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg, bf16), cfg, bf16)
+    adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert adapters and not any(m.cast_input_dtype_enabled for m in adapters)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # the optimizer's weights
+    for p in model.parameters():  # B starts at zero; give the adapters something to say
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    results = {}
+    for cast in (False, True):
+        for m in adapters:
+            m.cast_input_dtype_enabled = cast
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = supervised_forward(model, batch)
+        loss.backward()
+        results[cast] = (loss.detach().float(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(results[False][0], results[True][0], atol=1e-2, rtol=1e-3)
+    for without, with_cast in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(without, with_cast, atol=1e-3, rtol=5e-2)
+    fp32 = Runtime("cpu", torch.float32, "none")
+    assert all(m.cast_input_dtype_enabled for m in add_lora(load_base_model(cfg, fp32), cfg, fp32).modules()
+               if isinstance(m, BaseTunerLayer))  # no autocast in fp32: PEFT's own behaviour
