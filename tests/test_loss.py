@@ -24,15 +24,18 @@ def test_chunked_head_matches_plain_cross_entropy_in_loss_accuracy_and_gradient(
     assert hidden.grad[0, :3].abs().sum() == 0  # no gradient where nothing is supervised
 
 
+def three_example_batch(tokenizer) -> dict:
+    rows = [{"messages": [{"role": "user", "content": "fox " * (i + 2)}, {"role": "assistant", "content": "dog " * (i + 1)}]}
+            for i in range(3)]
+    return collate(tokenize_examples(list(enumerate(rows)), tokenizer, chat=True, max_length=64).examples,
+                   tokenizer.pad_token_id)
+
+
 def test_a_job_forward_is_fused_and_equal_to_the_plain_one(make_cfg, monkeypatch):
     from trainer.model import Runtime, add_lora, load_base_model, load_tokenizer
 
     cfg = make_cfg("lora.dropout=0")
-    tokenizer = load_tokenizer(cfg)
-    rows = [{"messages": [{"role": "user", "content": "fox " * (i + 2)}, {"role": "assistant", "content": "dog " * (i + 1)}]}
-            for i in range(3)]
-    batch = collate(tokenize_examples(list(enumerate(rows)), tokenizer, chat=True, max_length=64).examples,
-                    tokenizer.pad_token_id)
+    batch = three_example_batch(load_tokenizer(cfg))
     model = add_lora(load_base_model(cfg, Runtime("cpu", torch.float32, "none")), cfg, Runtime("cpu", torch.float32, "none"))
     assert fusable_head(model) is model.get_output_embeddings()
     results = {}
@@ -73,11 +76,7 @@ def test_bf16_adapters_take_their_input_as_is_and_learn_what_the_fp32_cast_would
     from trainer.model import Runtime, add_lora, load_base_model, load_tokenizer
 
     cfg = make_cfg("lora.dropout=0")
-    tokenizer = load_tokenizer(cfg)
-    rows = [{"messages": [{"role": "user", "content": "fox " * (i + 2)}, {"role": "assistant", "content": "dog " * (i + 1)}]}
-            for i in range(3)]
-    batch = collate(tokenize_examples(list(enumerate(rows)), tokenizer, chat=True, max_length=64).examples,
-                    tokenizer.pad_token_id)
+    batch = three_example_batch(load_tokenizer(cfg))
     bf16 = Runtime("cpu", torch.bfloat16, "none")
     torch.manual_seed(0)
     model = add_lora(load_base_model(cfg, bf16), cfg, bf16)
