@@ -57,6 +57,7 @@ def test_training_moves_every_adapter_weight_and_no_base_weight(make_cfg, chat_f
     cfg = train_cfg(make_cfg, chat_files, "train.max_steps=2")
     job = FineTuningJob(cfg, tmp_path / "run")
     job.setup()
+    assert job.model.config._attn_implementation == "ftlab_packed_rows"  # packed rows on a CPU
     before = {k: v.detach().clone() for k, v in job.model.named_parameters()}
     job.train()
     after = dict(job.model.named_parameters())
@@ -254,3 +255,19 @@ def test_init_adapter_continues_from_a_saved_adapter(make_cfg, tmp_path):
     got = {n: p for n, p in child.named_parameters() if "lora_" in n}
     assert expected.keys() == got.keys() and all(p.requires_grad for p in got.values())
     assert all(torch.equal(expected[n], got[n]) for n in expected)
+
+
+@pytest.mark.parametrize("quantization, hidden", [("none", True), ("nf4", False)])
+def test_a_cpu_job_without_4bit_weights_skips_the_gpu_only_imports(quantization, hidden):
+    import subprocess
+    import sys
+
+    script = (f"import sys, torch\nfrom trainer.model import Runtime, skip_gpu_only_imports\n"
+              f"names = skip_gpu_only_imports(Runtime('cpu', torch.bfloat16, {quantization!r}))\n"
+              "import peft, transformers.models.llama.modeling_llama\n"
+              "from peft import LoraConfig\n"
+              "print(names, sys.modules.get('bitsandbytes') is None, sys.modules.get('triton') is None)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = "['bitsandbytes', 'triton'] True True" if hidden else "[] False False"
+    assert result.stdout.strip().endswith(expected)

@@ -26,8 +26,6 @@ def _run_dir() -> Path:
 
 def train(cfg: DictConfig) -> int:
     """Validate, estimate, then train a LoRA adapter; the run dir is the job record."""
-    from trainer.train import run_training
-
     if cfg.resume:
         from trainer.jobs import load_job_config, resolve_job
 
@@ -38,8 +36,25 @@ def train(cfg: DictConfig) -> int:
             print(f"ftlab: [resume_override] {', '.join(refused)} cannot change when a job resumes: it keeps the "
                   f"settings it was created with. These can: {', '.join(RESUME_OVERRIDES)}", file=sys.stderr)
             return 2
-        return run_training(load_job_config(job, cfg, overrides), job.run_dir, resume=True)
+        cfg = load_job_config(job, cfg, overrides)
+        _import_only_what_the_job_uses(cfg)
+        from trainer.train import run_training
+
+        return run_training(cfg, job.run_dir, resume=True)
+    _import_only_what_the_job_uses(cfg)
+    from trainer.train import run_training  # after the line above: it imports transformers' modeling code
+
     return run_training(cfg, _run_dir())
+
+
+def _import_only_what_the_job_uses(cfg: DictConfig) -> None:
+    """In a single-job process, skip the GPU-only packages a CPU job never uses (a sweep's jobs may differ)."""
+    from hydra.types import RunMode
+
+    from trainer.model import resolve_runtime, skip_gpu_only_imports
+
+    if HydraConfig.get().mode == RunMode.RUN:
+        skip_gpu_only_imports(resolve_runtime(cfg.train))
 
 
 # what a resumed job may change: how long it runs and how it records, never what it learns from

@@ -1,5 +1,6 @@
 """The model stage: resolve the device and precision, load the backbone (4-bit NF4 when asked),
 and wrap it in a LoRA adapter."""
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,26 @@ def keep_cpu_memory_flat() -> bool:
         return bool(libc.mallopt(m_trim_threshold, 0))
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return False
+
+
+GPU_ONLY_PACKAGES = ("bitsandbytes", "triton")
+
+
+def skip_gpu_only_imports(runtime: Runtime) -> list[str]:
+    """Make bitsandbytes and Triton look uninstalled to this process, when its job cannot use them.
+
+    PEFT imports bitsandbytes, and torch._dynamo (which transformers' masking code imports)
+    imports Triton, whether or not the job will ever use them: on a CPU job without 4-bit
+    weights that is ~0.8 s and ~120 MiB of nothing (README, Performance). Only a process that
+    has not imported them yet, and runs one such job, should call this. Returns the names hidden.
+    """
+    if runtime.device != "cpu" or runtime.quantization != Quantization.none.value:
+        return []
+    if any(name in sys.modules for name in ("peft", "torch._dynamo", *GPU_ONLY_PACKAGES)):
+        return []  # too late to save anything, and the libraries may already hold references
+    for name in GPU_ONLY_PACKAGES:
+        sys.modules[name] = None  # `import name` raises ImportError; find_spec(name) returns None
+    return list(GPU_ONLY_PACKAGES)
 
 
 def resolve_runtime(train_cfg: DictConfig) -> Runtime:
@@ -103,10 +124,10 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
     A no-grad forward (eval, generate) repacks Linear4bit weights in place, after which
     backward silently yields zero or wrong LoRA gradients. Returns the number of layers fixed.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    if not getattr(model, "is_loaded_in_4bit", False):
         return 0
+    import bitsandbytes as bnb
+
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False

@@ -226,6 +226,11 @@ class FineTuningJob:
         base = load_base_model(self.cfg, self.runtime)
         if self.cfg.train.liger_kernel:
             apply_liger_kernels(base, self.runtime)
+        if (self.cfg.train.packing and self.runtime.device == "cpu" and not self.cfg.train.compile
+                and base.config._attn_implementation == "sdpa"):
+            from trainer.attention import PACKED_ROWS
+
+            base.set_attn_implementation(PACKED_ROWS)  # CPU SDPA is slow on packed rows (see trainer/attention.py)
         self.model = add_lora(base, self.cfg, self.runtime)
         if self.cfg.train.compile:
             compile_decoder_layers(self.model)
