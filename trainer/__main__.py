@@ -1,5 +1,5 @@
 """`python -m trainer [verb] [overrides]` is `ftlab [verb] [overrides]`; the verb defaults to train."""
-from trainer.cli import main
+from trainer.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()
