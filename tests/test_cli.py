@@ -126,14 +126,16 @@ def test_resume_honours_run_length_overrides_and_refuses_the_rest(tmp_path, cach
 
 
 def test_the_program_ends_quickly_but_keeps_exit_codes_output_and_exit_hooks(tmp_path):
-    """`ftlab` skips the interpreter's teardown (trainer.cli.run), and loses nothing by it."""
-    script = ("import atexit, sys\n"
+    """`ftlab` collects less garbage and skips the interpreter's teardown (trainer.cli.run), losing nothing."""
+    script = ("import atexit, gc, sys\n"
               "import trainer.cli\n"
               "atexit.register(lambda: open(sys.argv[1], 'w').write('hook ran'))\n"
-              "trainer.cli.main = lambda: (print('all of the output', end=''), sys.exit(int(sys.argv[2])))\n"
+              "trainer.cli.main = lambda: (print('all of the output', end=''), print(gc.get_threshold()[2], file=sys.stderr),\n"
+              "                            sys.exit(int(sys.argv[2])))\n"
               "trainer.cli.run()\n")
     for code in (0, 3):
         marker = tmp_path / f"hook-{code}"
         result = subprocess.run([sys.executable, "-c", script, str(marker), str(code)], capture_output=True, text=True,
                                 timeout=60)
         assert (result.returncode, result.stdout, marker.read_text()) == (code, "all of the output", "hook ran")
+        assert result.stderr.strip() == "1000"  # full collections only every 1,000 young ones while it runs
