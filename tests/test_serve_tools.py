@@ -17,14 +17,17 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Porto"}}</tool_call>'
 TWO_CALLS = 'Checking both.\n' + CALL + '\n<tool_call>{"name": "get_weather", "arguments": {"city": "Lima"}}</tool_call>'
 QUESTION = [{"role": "user", "content": "Weather in Porto?"}]
+constraints: list = []  # what each generation was told to keep to (trainer.call_constraint)
 
 
 @pytest.fixture
 def replies(monkeypatch):
     """The next replies the model gives, in pieces of 3 characters (calls split across tokens)."""
     queue: list[str] = []
+    constraints.clear()
 
-    def fake_generate(model, tokenizer, prompt_ids, sampling, stop_token_ids=(), cancelled=None):
+    def fake_generate(model, tokenizer, prompt_ids, sampling, stop_token_ids=(), cancelled=None, constraint=None):
+        constraints.append(constraint)
         text = queue.pop(0)
         for start in range(0, len(text), 3):
             yield Delta(0, text[start:start + 3])
@@ -101,3 +104,20 @@ def test_a_conversation_with_calls_and_results_is_accepted(client, replies):
                                            tool_choice="auto")
     assert reply.choices[0].message.content == "It is 21 °C in Porto."
     assert reply.usage.prompt_tokens > 0
+
+
+def test_calls_are_kept_to_declared_functions_and_tool_choice_is_enforced(client, replies):
+    import openai
+
+    replies += [CALL, CALL, CALL, "Hello!"]
+    client.chat.completions.create(model="gpt-3.5-turbo", messages=QUESTION, tools=[WEATHER])
+    client.chat.completions.create(model="gpt-3.5-turbo", messages=QUESTION, tools=[WEATHER], tool_choice="required")
+    client.chat.completions.create(model="gpt-3.5-turbo", messages=QUESTION, tools=[WEATHER],
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    client.chat.completions.create(model="gpt-3.5-turbo", messages=QUESTION)
+    assert [(c.heads, c.must_call) if c else None for c in constraints] == [
+        (['{"name": "get_weather"'], False), (['{"name": "get_weather"'], True), (['{"name": "get_weather"'], True),
+        None]
+    with pytest.raises(openai.BadRequestError, match="does not declare"):
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=QUESTION, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "book_hotel"}})

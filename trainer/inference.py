@@ -280,6 +280,19 @@ def _next_tokens(logits: torch.Tensor, sampling: Sampling, generator: Optional[t
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _constrained(logits: torch.Tensor, allowed: list[Optional[list[int]]]) -> torch.Tensor:
+    """`logits` with every token but the allowed ones ruled out, in each row that has a list."""
+    if all(ids is None for ids in allowed):
+        return logits
+    logits = logits.clone()
+    for row, ids in enumerate(allowed):
+        if ids is not None:
+            keep = logits[row, ids]
+            logits[row] = float("-inf")
+            logits[row, ids] = keep
+    return logits
+
+
 def _forward_arguments(model: torch.nn.Module) -> tuple[str, dict]:
     """The forward's KV-cache argument (`cache` in transformers 5.x, `past_key_values` before) and
     `logits_to_keep=1` where the model takes it (no full-vocabulary logits for every prompt position)."""
@@ -293,13 +306,14 @@ def _forward_arguments(model: torch.nn.Module) -> tuple[str, dict]:
 
 @torch.no_grad()
 def sample_steps(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampling, stop_token_ids=(),
-                 finished: Optional[set] = None):
+                 finished: Optional[set] = None, constraint=None):
     """Generate `sampling.n` continuations of one prompt, one step at a time, with a KV cache.
 
     Yields, per step, one entry per row: the new token id, or None for a row that has ended
     (at a stop token, which is not yielded, or because the caller added its index to `finished`).
     Ends when every row has ended or `max_new_tokens` steps were taken. Sampling draws from a
-    generator seeded with `sampling.seed`, so the global RNG is left alone.
+    generator seeded with `sampling.seed`, so the global RNG is left alone. A `constraint`
+    (`trainer.call_constraint.CallConstraint`) limits each row's next token to those it allows.
     """
     device = next(model.parameters()).device
     n = sampling.n
@@ -317,11 +331,15 @@ def sample_steps(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampli
     input_ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
     cache_arg, extra = _forward_arguments(model)
     past = None
+    generated: list[list[int]] = [[] for _ in range(n)]
     for _ in range(sampling.max_new_tokens):
         output = model(input_ids=input_ids, use_cache=True, **{cache_arg: past}, **extra)
         past = getattr(output, "cache", None)
         past = past if past is not None else output.past_key_values
         logits = output.logits[:, -1, :]
+        if constraint is not None:
+            logits = _constrained(logits, [None if row in finished else constraint.allowed(ids)
+                                           for row, ids in enumerate(generated)])
         if penalties and counts is None:
             counts = torch.zeros_like(logits, dtype=torch.float32)
         tokens = _next_tokens(logits, sampling, generator, counts)
@@ -335,6 +353,7 @@ def sample_steps(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampli
                 step.append(None)
             else:
                 step.append(token)
+                generated[row].append(token)
         yield step
         if len(finished) >= n:
             return
@@ -395,11 +414,11 @@ class TextStream:
 
 
 def generate_choices(model: torch.nn.Module, tokenizer, prompt_ids: list[int], sampling: Sampling,
-                     stop_token_ids=(), cancelled=None):
+                     stop_token_ids=(), cancelled=None, constraint=None):
     """`sampling.n` replies to one prompt as a stream of `Delta`s (text as it comes, then each choice's finish).
 
     `cancelled` (a threading.Event, optional) stops generation early: the choices still
-    unfinished end without a finish delta.
+    unfinished end without a finish delta. `constraint`: see `sample_steps`.
     """
     streams = [TextStream(tokenizer, sampling.stop) for _ in range(sampling.n)]
     counts = [0] * sampling.n
@@ -411,7 +430,7 @@ def generate_choices(model: torch.nn.Module, tokenizer, prompt_ids: list[int], s
         done.add(row)
         return Delta(row, streams[row].flush(), reason, counts[row])
 
-    for step in sample_steps(model, prompt_ids, sampling, stop_token_ids, done):
+    for step in sample_steps(model, prompt_ids, sampling, stop_token_ids, done, constraint):
         if cancelled is not None and cancelled.is_set():
             return
         for row, token in enumerate(step):

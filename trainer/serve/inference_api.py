@@ -202,22 +202,23 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _run(pool, target, prompt_ids: list[int], sampling, cancelled=None):
+def _run(pool, target, prompt_ids: list[int], sampling, cancelled=None, constraint=None):
     """Deltas of one prompt's choices, the model held for this request only while it generates."""
     from trainer.inference import generate_choices
 
     with pool.using(target) as model:
-        yield from generate_choices(model, target.tokenizer, prompt_ids, sampling, target.stop_token_ids, cancelled)
+        yield from generate_choices(model, target.tokenizer, prompt_ids, sampling, target.stop_token_ids, cancelled,
+                                    constraint)
 
 
-def _collect(pool, target, prompts: list[list[int]], sampling) -> list[dict]:
+def _collect(pool, target, prompts: list[list[int]], sampling, constraint=None) -> list[dict]:
     """Every choice of every prompt, whole: index (prompt-major), text, finish_reason, n_tokens."""
     choices = []
     for number, prompt_ids in enumerate(prompts):
         texts = [""] * sampling.n
         ends = [None] * sampling.n
         counts = [0] * sampling.n
-        for delta in _run(pool, target, prompt_ids, sampling):
+        for delta in _run(pool, target, prompt_ids, sampling, constraint=constraint):
             texts[delta.index] += delta.text
             if delta.finish_reason is not None:
                 ends[delta.index], counts[delta.index] = delta.finish_reason, delta.n_tokens
@@ -245,7 +246,7 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage_chunk):
+async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage_chunk, constraint=None):
     """SSE events from a producer thread: `frame(kind, index, text, finish_reason)` shapes the chunks (a list).
 
     The producer generates into a queue and checks `cancelled` at every token, so a client that goes
@@ -265,7 +266,7 @@ async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage
     def produce():
         try:
             for number, prompt_ids in enumerate(prompts):
-                for delta in _run(pool, target, prompt_ids, sampling, cancelled):
+                for delta in _run(pool, target, prompt_ids, sampling, cancelled, constraint):
                     put(("delta", number, delta))
                 if cancelled.is_set():
                     break
@@ -315,13 +316,16 @@ class _Calling:
     """The tools of one chat request, and how its replies are read back into calls.
 
     `tool_choice: "none"` (legacy `function_call: "none"`) renders no tools, so the model answers in
-    text. `required` or a named function is accepted but not enforced while decoding: the reply is
-    read for calls either way. `parallel_tool_calls: false` keeps the first call. A request in the
-    legacy format (`functions`) gets `function_call` back, the new format `tool_calls`.
+    text. While decoding, a call may only name a declared function; `required` makes the reply
+    open with a call, a named function makes it call that one (`trainer.call_constraint`, where
+    calls are written in `<tool_call>`). `parallel_tool_calls: false` keeps the first call. A
+    request in the legacy format (`functions`) gets `function_call` back, the new format `tool_calls`.
     """
 
-    def __init__(self, tools: Optional[list], legacy: bool, parallel: bool):
+    def __init__(self, tools: Optional[list], legacy: bool, parallel: bool, forced: Optional[str] = None,
+                 required: bool = False):
         self.tools, self.legacy, self.parallel = tools, legacy, parallel
+        self.forced, self.required = forced, required  # the function the reply must call; must it call
 
     @classmethod
     def of(cls, body: ChatRequest) -> "_Calling":
@@ -334,7 +338,25 @@ class _Calling:
             raise APIError(400, "tools: each entry must be {\"type\": \"function\", \"function\": {\"name\": …, "
                            "\"parameters\": {…}}} (functions: {\"name\": …, \"parameters\": {…}})",
                            param="functions" if legacy else "tools", code="invalid_value")
-        return cls(declared if declared and choice != "none" else None, legacy, body.parallel_tool_calls is not False)
+        forced = None
+        if isinstance(choice, dict):  # {"type": "function", "function": {"name": …}}, legacy {"name": …}
+            forced = (choice.get("function") or {}).get("name") if not legacy else choice.get("name")
+            names = [tool["function"].get("name") for tool in declared]
+            if forced not in names:
+                raise APIError(400, f"{'function_call' if legacy else 'tool_choice'} names {forced!r}, which the "
+                               f"request does not declare (declared: {', '.join(map(str, names)) or 'none'})",
+                               param="function_call" if legacy else "tool_choice", code="invalid_value")
+        return cls(declared if declared and choice != "none" else None, legacy, body.parallel_tool_calls is not False,
+                   forced, choice == "required" or forced is not None)
+
+    def constraint(self, tokenizer):
+        """What decoding must keep to (`trainer.call_constraint.CallConstraint`), or None."""
+        from trainer.call_constraint import CallConstraint, uses_call_wrapper
+
+        if not self.tools or not uses_call_wrapper(tokenizer):
+            return None
+        names = [self.forced] if self.forced else [tool["function"].get("name") for tool in self.tools]
+        return CallConstraint(tokenizer, [name for name in names if isinstance(name, str)], must_call=self.required)
 
     def read(self, text: str) -> tuple[Optional[str], list[dict]]:
         """(content, calls) of a whole reply; with no tools offered the reply is all content."""
@@ -406,6 +428,7 @@ def chat_completions(body: ChatRequest, request: Request):
     target = _target(request, body.model, chat=True)
     pool = _server(request).models
     calling = _Calling.of(body)
+    constraint = calling.constraint(target.tokenizer)
     prompt_ids = target.encode_chat(_messages(body), calling.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(body, target, len(prompt_ids), max_tokens, "messages")
@@ -440,10 +463,10 @@ def chat_completions(body: ChatRequest, request: Request):
             return chunks + [chunk(index, {}, calling.finish_reason(calls, finish_reason))]
 
         usage_chunk = (lambda usage: head | {"choices": [], "usage": usage}) if include_usage else None
-        return _SSE(_stream(pool, target, [prompt_ids], sampling, frame, usage_chunk),
+        return _SSE(_stream(pool, target, [prompt_ids], sampling, frame, usage_chunk, constraint),
                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        choices = _collect(pool, target, [prompt_ids], sampling)
+        choices = _collect(pool, target, [prompt_ids], sampling, constraint)
     except APIError:
         raise
     except Exception as error:  # noqa: BLE001
