@@ -59,7 +59,7 @@ def skip_gpu_only_imports(runtime: Runtime) -> list[str]:
 
     PEFT imports bitsandbytes, and torch._dynamo (which transformers' masking code imports)
     imports Triton, whether or not the job will ever use them: on a CPU job without 4-bit
-    weights that is ~0.8 s and ~120 MiB of nothing (README, Performance). Only a process that
+    weights that is ~1 s and ~100 MiB of nothing (README, Performance). Only a process that
     has not imported them yet, and runs one such job, should call this. Returns the names hidden.
     """
     if runtime.device != "cpu" or runtime.quantization != Quantization.none.value:
