@@ -8,7 +8,7 @@ memory: on Llama-3.1-8B (128,256-token vocabulary) a batch of 4 × 2048 would ot
 import torch
 import torch.nn.functional as F
 
-from trainer.attention import example_spans
+from trainer.attention import PACKED_ROWS, example_spans
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedDataset, batches_for_epoch, model_inputs
 
 LOGITS_PER_CHUNK = 2**26  # fp32 logits held at once by the fused head: 256 MiB
@@ -95,12 +95,13 @@ def supervised_forward(model, batch: dict) -> tuple[torch.Tensor, int, int]:
     positions = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
     targets = labels[:, positions + 1]
     inputs = model_inputs(batch) | {"logits_to_keep": positions}
-    if "position_ids" in batch:  # packed rows: trainer.attention attends one example at a time
+    owner = getattr(model, "module", model)  # DistributedDataParallel
+    attention = getattr(getattr(owner, "config", None), "_attn_implementation", None)
+    if "position_ids" in batch and attention == PACKED_ROWS:  # packed rows on a CPU (trainer/attention.py)
         inputs["example_spans"] = example_spans(batch["position_ids"])
     head = fusable_head(model)
     if head is None:
         return token_loss_and_accuracy(model(**inputs).logits, targets)
-    owner = getattr(model, "module", model)
     owner.set_output_embeddings(torch.nn.Identity())  # for this forward, "logits" are the final hidden states
     try:
         hidden = model(**inputs).logits
