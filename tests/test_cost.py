@@ -148,3 +148,16 @@ def test_local_estimate_from_flops_table():
     local = estimate_from_token_counts(cfg, [4000])["local"]
     assert local["device"] == "cuda" and local["hour_usd"] == 2.0
     assert local["cost_usd"] == pytest.approx(4000 / local["tokens_per_second"] / 3600 * 2.0)
+
+
+@pytest.mark.parametrize("native_bf16, precision, row", [(True, "auto", "cpu-bf16"), (True, "bf16", "cpu-bf16"),
+                                                         (True, "fp32", "cpu"), (False, "auto", "cpu")])
+def test_a_cpu_that_computes_bf16_is_estimated_at_bf16_speed(monkeypatch, native_bf16, precision, row):
+    monkeypatch.setattr(cost, "cpu_computes_bf16", lambda: native_bf16)
+    cfg = make_cfg(n_epochs=1)
+    cfg.train.precision = precision
+    local = estimate_from_token_counts(cfg, [4000])["local"]
+    assert local["tokens_per_second"] == pytest.approx(cost.local_tokens_per_second(1.35e8, row))
+    assert local["throughput_source"].endswith(f"({row})")
+    assert cost.local_tokens_per_second(1.35e8, "cpu-bf16", cores=2) > 3 * cost.local_tokens_per_second(1.35e8, "cpu",
+                                                                                                       cores=2)
