@@ -142,7 +142,9 @@ def test_local_estimate_from_flops_table():
     row = cost.DEVICE_FLOPS["cuda"]
     tps = cost.local_tokens_per_second(1e9, "cuda")
     assert tps == pytest.approx(row["peak_flops"] * row["mfu"] / 4e9)
-    assert cost.local_tokens_per_second(1.35e8, "cpu", cores=2) == pytest.approx(1e11 * 2 * 0.45 / (4 * 1.35e8))
+    cpu = cost.DEVICE_FLOPS["cpu"]
+    assert cost.local_tokens_per_second(1.35e8, "cpu", cores=2) == pytest.approx(
+        cpu["peak_flops"] * 2 * cpu["mfu"] / (4 * 1.35e8))
     cfg = make_cfg(n_epochs=1)
     cfg.train.device = "cuda"
     local = estimate_from_token_counts(cfg, [4000])["local"]
@@ -159,5 +161,5 @@ def test_a_cpu_that_computes_bf16_is_estimated_at_bf16_speed(monkeypatch, native
     local = estimate_from_token_counts(cfg, [4000])["local"]
     assert local["tokens_per_second"] == pytest.approx(cost.local_tokens_per_second(1.35e8, row))
     assert local["throughput_source"].endswith(f"({row})")
-    assert cost.local_tokens_per_second(1.35e8, "cpu-bf16", cores=2) > 3 * cost.local_tokens_per_second(1.35e8, "cpu",
-                                                                                                       cores=2)
+    assert cost.local_tokens_per_second(1.35e8, "cpu-bf16", cores=2) > 1.5 * cost.local_tokens_per_second(1.35e8, "cpu",
+                                                                                                         cores=2)
