@@ -81,13 +81,24 @@ class CallHidingWriter:
         self.out.flush()
 
 
+def call_constraint(tokenizer, tools: list[dict]):
+    """Calls may only name the declared functions, as through the API (`trainer.call_constraint`); None when the
+    backbone writes calls some other way than inside `<tool_call>`."""
+    from trainer.call_constraint import CallConstraint, uses_call_wrapper
+
+    if not uses_call_wrapper(tokenizer):
+        return None
+    names = [tool["function"].get("name") for tool in tools]
+    return CallConstraint(tokenizer, [name for name in names if isinstance(name, str)])
+
+
 def show_reply(loaded, messages: list[dict], tools: list[dict], gen: DictConfig) -> dict:
     """Stream one reply (calls shown as `→ name({...})`) and return it as an assistant message."""
     prompt_ids = encode_chat_prompt(loaded.tokenizer, messages, tools)
     if not tools:
         return {"role": "assistant", "content": stream_reply(loaded, prompt_ids, gen)}
     writer = CallHidingWriter(sys.stdout)
-    reply = stream_reply(loaded, prompt_ids, gen, out=writer)
+    reply = stream_reply(loaded, prompt_ids, gen, out=writer, constraint=call_constraint(loaded.tokenizer, tools))
     content, calls = parse_tool_calls(reply)
     if writer.hid:
         for call in calls:

@@ -198,13 +198,18 @@ def generate_batch(loaded: LoadedModel, prompts: list[list[int]], *, max_new_tok
     return results
 
 
-def stream_reply(loaded: LoadedModel, prompt_ids: list[int], gen: DictConfig, out=None) -> str:
-    """Generate one reply, writing tokens to `out` as they come; returns the reply (stop strings cut)."""
+def stream_reply(loaded: LoadedModel, prompt_ids: list[int], gen: DictConfig, out=None, constraint=None) -> str:
+    """Generate one reply, writing tokens to `out` as they come; returns the reply (stop strings cut).
+    A `constraint` (`trainer.call_constraint.CallConstraint`) limits each next token to those it allows."""
     from transformers import TextIteratorStreamer
 
     out = out or sys.stdout
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = _generate_kwargs(loaded, gen.max_new_tokens, gen.temperature, gen.top_p)
+    if constraint is not None:
+        every_token = list(range(len(loaded.tokenizer)))
+        kwargs["prefix_allowed_tokens_fn"] = lambda row, ids: (
+            constraint.allowed(ids[len(prompt_ids):].tolist()) or every_token)
     input_ids = torch.tensor([prompt_ids], device=loaded.device)
     errors = []
 
