@@ -315,8 +315,8 @@ def test_chat_shows_calls_instead_of_their_markup(tokenizer, monkeypatch, capsys
     reply = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Porto"}}</tool_call>'
     seen = {}
 
-    def fake_stream(loaded, prompt_ids, gen, out=None):
-        seen["prompt"] = prompt_ids
+    def fake_stream(loaded, prompt_ids, gen, out=None, constraint=None):
+        seen["prompt"], seen["constraint"] = prompt_ids, constraint
         for piece in (reply[:12], reply[12:30], reply[30:]):  # pieces split inside the <tool_call> marker
             out.write(piece)
         out.write("\n")
@@ -330,6 +330,7 @@ def test_chat_shows_calls_instead_of_their_markup(tokenizer, monkeypatch, capsys
     assert out == 'Checking.→ get_weather({"city": "Porto"})\n' and CALL_OPEN not in out
     assert message["content"] == "Checking." and message["tool_calls"][0]["function"]["name"] == "get_weather"
     assert seen["prompt"] == encode_chat_prompt(tokenizer, messages, TOOLS)
+    assert seen["constraint"].heads == ['{"name": "%s"' % tool["function"]["name"] for tool in TOOLS]
 
     writer = chat.CallHidingWriter(io.StringIO())
     for piece in ("Sunny <to", "day", "\n"):
