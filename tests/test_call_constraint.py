@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainer.backbones import tiny_llama
-from trainer.call_constraint import CallConstraint, uses_call_wrapper
-from trainer.data.tools import CALL_OPEN, parse_tool_calls
+from trainer.call_constraint import CallConstraint, call_head, uses_call_wrapper
+from trainer.data.tools import CALL_OPEN, call_text, parse_tool_calls
 from trainer.inference import Sampling, sample_steps
 
 NAMES = ["get_weather", "get_local_time", "convert_currency"]
@@ -72,3 +72,9 @@ def test_generation_keeps_an_invented_function_out(tokenizer):
     text = tokenizer.decode(kept)
     assert text.startswith(CALL_OPEN + '{"name": "') and any(text.startswith(CALL_OPEN + '{"name": "' + n + '"')
                                                              for n in NAMES), text
+
+
+@pytest.mark.parametrize("name", ["get_weather", "météo_du_jour"])
+def test_the_head_is_how_training_writes_the_call(name):
+    written = call_text(name, {"city": "Porto"})
+    assert written.startswith(CALL_OPEN + call_head(name)) and call_head(name).endswith(f'{name}"')

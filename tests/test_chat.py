@@ -166,14 +166,13 @@ def test_wrong_verb_or_unknown_job_is_explained(tiny_completion_job, tiny_chat_j
 
 def test_chat_replies_keep_calls_to_the_declared_functions(tiny_chat_job, cache_dir):
     from trainer.call_constraint import CallConstraint
-    from trainer.chat import call_constraint
     from trainer.data.tools import CALL_OPEN
 
     job_cfg, job = open_job(use_cfg(cache_dir, tiny_chat_job, "generation.max_new_tokens=40"))
     loaded = load_model(job_cfg, job)
     loaded.stop_token_ids = []
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    assert call_constraint(loaded.tokenizer, tools).heads == ['{"name": "get_weather"']
+    assert CallConstraint.for_tools(loaded.tokenizer, tools).heads == ['{"name": "get_weather"']
     ids = encode_chat_prompt(loaded.tokenizer, [{"role": "user", "content": "hi"}], tools)
     forced = CallConstraint(loaded.tokenizer, ["get_weather"], must_call=True)  # a random model must still call it
     reply = stream_reply(loaded, ids, job_cfg.generation, out=io.StringIO(), constraint=forced)

@@ -15,7 +15,7 @@ import json
 import weakref
 from typing import Optional
 
-from trainer.data.tools import CALL_OPEN
+from trainer.data.tools import CALL_OPEN, call_text
 
 _PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -32,8 +32,11 @@ def token_pieces(tokenizer) -> tuple[dict[str, list[int]], list[str]]:
 
 
 def call_head(name: str) -> str:
-    """How a call to `name` starts, as training rendered it (`trainer.data.tools.call_text`)."""
-    return json.dumps({"name": name})[:-1]  # {"name": "get_weather"  (the arguments follow)
+    """How a call to `name` starts after the opener, as training renders it: {"name": "get_weather" (the
+    arguments follow), cut from `trainer.data.tools.call_text` itself."""
+    body = call_text(name, {})[len(CALL_OPEN):]
+    quoted = json.dumps(name, ensure_ascii=False)
+    return body[: body.index(quoted) + len(quoted)]
 
 
 def uses_call_wrapper(tokenizer) -> bool:
@@ -51,6 +54,16 @@ class CallConstraint:
         self.heads = [call_head(name) for name in names]
         self.must_call = must_call
         self.by_piece, self.ordered = token_pieces(tokenizer)
+
+    @classmethod
+    def for_tools(cls, tokenizer, tools: list[dict], forced: Optional[str] = None,
+                  must_call: bool = False) -> Optional["CallConstraint"]:
+        """The constraint for a `tools` list (only `forced` when given), or None where the backbone writes
+        calls some other way than inside `<tool_call>`."""
+        if not tools or not uses_call_wrapper(tokenizer):
+            return None
+        names = [forced] if forced else [tool["function"].get("name") for tool in tools]
+        return cls(tokenizer, [name for name in names if isinstance(name, str)], must_call=must_call)
 
     def _continuing(self, remaining: str) -> set[int]:
         """Ids of the tokens whose text is a prefix of `remaining` or starts with it."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from trainer.call_constraint import CallConstraint
 from trainer.inference import (
     encode_chat_prompt,
     encode_completion_prompt,
@@ -81,24 +82,14 @@ class CallHidingWriter:
         self.out.flush()
 
 
-def call_constraint(tokenizer, tools: list[dict]):
-    """Calls may only name the declared functions, as through the API (`trainer.call_constraint`); None when the
-    backbone writes calls some other way than inside `<tool_call>`."""
-    from trainer.call_constraint import CallConstraint, uses_call_wrapper
-
-    if not uses_call_wrapper(tokenizer):
-        return None
-    names = [tool["function"].get("name") for tool in tools]
-    return CallConstraint(tokenizer, [name for name in names if isinstance(name, str)])
-
-
 def show_reply(loaded, messages: list[dict], tools: list[dict], gen: DictConfig) -> dict:
     """Stream one reply (calls shown as `→ name({...})`) and return it as an assistant message."""
     prompt_ids = encode_chat_prompt(loaded.tokenizer, messages, tools)
     if not tools:
         return {"role": "assistant", "content": stream_reply(loaded, prompt_ids, gen)}
     writer = CallHidingWriter(sys.stdout)
-    reply = stream_reply(loaded, prompt_ids, gen, out=writer, constraint=call_constraint(loaded.tokenizer, tools))
+    constraint = CallConstraint.for_tools(loaded.tokenizer, tools)  # calls name declared functions, as in the API
+    reply = stream_reply(loaded, prompt_ids, gen, out=writer, constraint=constraint)
     content, calls = parse_tool_calls(reply)
     if writer.hid:
         for call in calls:

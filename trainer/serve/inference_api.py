@@ -351,12 +351,9 @@ class _Calling:
 
     def constraint(self, tokenizer):
         """What decoding must keep to (`trainer.call_constraint.CallConstraint`), or None."""
-        from trainer.call_constraint import CallConstraint, uses_call_wrapper
+        from trainer.call_constraint import CallConstraint
 
-        if not self.tools or not uses_call_wrapper(tokenizer):
-            return None
-        names = [self.forced] if self.forced else [tool["function"].get("name") for tool in self.tools]
-        return CallConstraint(tokenizer, [name for name in names if isinstance(name, str)], must_call=self.required)
+        return CallConstraint.for_tools(tokenizer, self.tools, self.forced, self.required)
 
     def read(self, text: str) -> tuple[Optional[str], list[dict]]:
         """(content, calls) of a whole reply; with no tools offered the reply is all content."""
