@@ -37,7 +37,10 @@ line is `speedup X.XX` = ftlab's supervised tokens/s / trl-defaults'.
 --fill-length replaces the data with synthetic chat examples that each fill --max-length tokens
 (a quarter prompt, the rest reply), so every runner computes the same sequence length: how GPU
 throughput and MFU are quoted. MFU counts 4 x parameters FLOPs per token (forward, and backward
-through the activations only: the base is frozen) against the card's dense bf16 peak.
+through the activations only: the base is frozen) against the card's dense bf16 peak. On a GPU
+the table also gives steady-state tokens/s and MFU: from the end of step 2 to the end of the last
+step (each step's end taken after the GPU has finished it), leaving out the first steps' CUDA and
+cuBLAS set-up, measured the same way for every runner.
 """
 import argparse
 import datetime as dt
@@ -62,8 +65,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "ftlab-fp32-hidden", "trl-defaults", "trl-best",
-           "trl-packing"]
+RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "ftlab-fp32-hidden", "ftlab-peft-lora",
+           "trl-defaults", "trl-best", "trl-packing"]
 DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
 
 
@@ -172,9 +175,23 @@ def heldout_loss(model, tokenizer, cfg, device: str) -> float | None:
 class TokenCounter:
     """Counts what each consumed batch holds: positions, real tokens, supervised (assistant) tokens, loss tokens."""
 
-    def __init__(self, supervised_by_ids: dict):
+    def __init__(self, supervised_by_ids: dict, device: str = "cpu"):
         self.supervised_by_ids = supervised_by_ids
+        self.device = device
         self.positions = self.tokens = self.supervised = self.loss_tokens = self.examples = self.unmatched = 0
+        self.started = time.perf_counter()
+        self.marks: list[tuple[float, int, int]] = []  # (seconds since start, tokens, supervised) at each step's end
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def mark_step(self) -> None:
+        """Note the time at the end of an optimizer step, once the GPU has finished it."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter() - self.started, self.tokens, self.supervised))
 
     def sequences(self, batch):
         ids = batch["input_ids"].cpu()
@@ -206,7 +223,21 @@ class TokenCounter:
 
     def record(self) -> dict:
         return {"positions": self.positions, "tokens": self.tokens, "supervised_tokens": self.supervised,
-                "loss_tokens": self.loss_tokens, "examples": self.examples, "unmatched_examples": self.unmatched}
+                "loss_tokens": self.loss_tokens, "examples": self.examples, "unmatched_examples": self.unmatched,
+                "step_marks": self.marks}
+
+
+WARMUP_STEPS = 2  # left out of the steady-state figures: the first steps pay for CUDA/cuBLAS set-up and allocations
+
+
+def steady_tokens_per_s(run: dict) -> float | None:
+    """Tokens per second after the first WARMUP_STEPS optimizer steps (how MFU is usually quoted), or None
+    when the run has too few steps to tell."""
+    marks = run.get("step_marks") or []
+    if len(marks) < WARMUP_STEPS + 2:
+        return None
+    (t0, tokens0, _), (t1, tokens1, _) = marks[WARMUP_STEPS - 1], marks[-1]
+    return (tokens1 - tokens0) / (t1 - t0)
 
 
 def supervised_lookup(dataset) -> dict:
@@ -236,7 +267,8 @@ def peak_memory(device: str) -> dict:
 # ---- runners (each in its own process) -------------------------------------------------------
 FTLAB_RUNNER_OVERRIDES = {"ftlab": (), "ftlab-padded": ("train.packing=false",),
                           "ftlab-compiled": ("train.compile=true",), "ftlab-liger": ("train.liger_kernel=true",),
-                          "ftlab-fp32-hidden": ("train.fp32_hidden_states=true",)}
+                          "ftlab-fp32-hidden": ("train.fp32_hidden_states=true",),
+                          "ftlab-peft-lora": ("train.fused_lora=false",)}
 
 
 def run_ftlab(args, runner: str) -> dict:
@@ -251,16 +283,19 @@ def run_ftlab(args, runner: str) -> dict:
         job.setup()
         tokenizer = load_tokenizer(cfg)
         _, train_ref = reference_data(cfg, tokenizer, "train")
-        counter = TokenCounter(supervised_lookup(train_ref))
+        counter = TokenCounter(supervised_lookup(train_ref), job.runtime.device)
         step = job._optimizer_step
 
         def counted_step(batch):
             counter.add(batch)
-            return step(batch)
+            metrics = step(batch)
+            counter.mark_step()
+            return metrics
 
         job._optimizer_step = counted_step
         reset_peak_gpu_memory(job.runtime.device)
         started = time.perf_counter()
+        counter.start()
         job.train()
         seconds = time.perf_counter() - started
         memory = peak_memory(job.runtime.device)
@@ -270,6 +305,7 @@ def run_ftlab(args, runner: str) -> dict:
                 "settings": {"packing": bool(cfg.train.packing), "compile": bool(cfg.train.compile),
                              "liger_kernel": bool(cfg.train.liger_kernel),
                              "fp32_hidden_states": bool(cfg.train.fp32_hidden_states),
+                             "fused_lora": bool(cfg.train.fused_lora),
                              "precision": job.runtime.precision_name,
                              "quantization": job.runtime.quantization,
                              "gradient_checkpointing": bool(cfg.train.gradient_checkpointing)}}
@@ -345,6 +381,17 @@ def trl_trainer(plan: dict):
                       processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **plan["lora"]))
 
 
+def step_marks_callback(counter: TokenCounter):
+    """A TrainerCallback that marks the end of each of TRL's optimizer steps in `counter`."""
+    from transformers import TrainerCallback
+
+    class StepMarks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            counter.mark_step()
+
+    return StepMarks()
+
+
 def run_trl(args, variant: str) -> dict:
     from trainer.model import load_tokenizer, resolve_runtime
 
@@ -354,7 +401,7 @@ def run_trl(args, variant: str) -> dict:
     _, train_ref = reference_data(cfg, load_tokenizer(cfg), "train")
     trainer = trl_trainer(plan)
     config = trainer.args
-    counter = TokenCounter(supervised_lookup(train_ref))
+    counter = TokenCounter(supervised_lookup(train_ref), runtime.device)
     compute_loss = trainer.compute_loss
 
     def counted_loss(model, inputs, *a, **kw):
@@ -363,8 +410,10 @@ def run_trl(args, variant: str) -> dict:
         return compute_loss(model, inputs, *a, **kw)
 
     trainer.compute_loss = counted_loss
+    trainer.add_callback(step_marks_callback(counter))
     reset_peak_gpu_memory(runtime.device)
     started = time.perf_counter()
+    counter.start()
     trainer.train()
     seconds = time.perf_counter() - started
     memory = peak_memory(runtime.device)
@@ -437,6 +486,9 @@ def summarise(runner: str, runs: list[dict], n_params: float, device_name: str) 
         summary["process_s"] = statistics.median(r["process_s"] for r in runs)
         summary["process_peak_rss_mib"] = max(r["process_peak_rss_mib"] for r in runs)
     summary["supervised_tokens_per_s"] = statistics.median(summary["supervised_tokens_per_s_runs"])
+    steady = [steady_tokens_per_s(r) for r in runs]
+    if runs and None not in steady:
+        summary["steady_tokens_per_s"] = statistics.median(steady)
     if "peak_gpu_mib" in runs[0]:
         summary["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in runs)
         from trainer.flops import flops_per_token, gpu_peak_flops
@@ -444,6 +496,8 @@ def summarise(runner: str, runs: list[dict], n_params: float, device_name: str) 
         peak = gpu_peak_flops(device_name)
         if peak and n_params:  # the training loop's FLOP model (trainer/flops.py)
             summary["mfu"] = summary["tokens_per_s"] * flops_per_token(n_params) / peak
+            if "steady_tokens_per_s" in summary:
+                summary["steady_mfu"] = summary["steady_tokens_per_s"] * flops_per_token(n_params) / peak
     return summary
 
 
@@ -452,7 +506,8 @@ def print_table(summaries: dict, gpu: bool) -> None:
     baseline = summaries.get("trl-defaults")
     print()
     header = (f"{'runner':17s} {'sup tok/s':>9s} {'tok/s':>8s} {'padding':>7s} {'peak RSS':>9s} "
-              f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}" + ("  peak GPU    MFU" if gpu else "")
+              f"{'train loss':>10s} {'held-out':>8s} {'ex/step':>7s}"
+              + ("  peak GPU    MFU | steady: tok/s    MFU" if gpu else "")
               + "  | process: wall  peak RSS")
     print(header)
     for r, s in summaries.items():
@@ -460,7 +515,8 @@ def print_table(summaries: dict, gpu: bool) -> None:
                 f"{s['peak_rss_mib']:7.0f}Mi {s['final_train_loss']:10.4f} {s['heldout_loss'] or float('nan'):8.4f} "
                 f"{s['examples_per_step']:7.1f}")
         if "peak_gpu_mib" in s:
-            line += f"  {s['peak_gpu_mib']:7.0f}Mi {s.get('mfu', float('nan')):6.1%}"
+            line += (f"  {s['peak_gpu_mib']:7.0f}Mi {s.get('mfu', float('nan')):6.1%} |"
+                     f" {s.get('steady_tokens_per_s', float('nan')):13.1f} {s.get('steady_mfu', float('nan')):6.1%}")
         if "process_s" in s:
             line += f"  |      {s['process_s']:6.1f}s {s['process_peak_rss_mib']:7.0f}Mi"
         print(line)
@@ -473,10 +529,14 @@ def print_table(summaries: dict, gpu: bool) -> None:
                     "tokens_per_s": s["tokens_per_s"] / baseline["tokens_per_s"],
                     "peak_rss": s["peak_rss_mib"] / baseline["peak_rss_mib"],
                 } | ({"peak_gpu": s["peak_gpu_mib"] / baseline["peak_gpu_mib"]} if "peak_gpu_mib" in s else {})
+                if "steady_tokens_per_s" in s and "steady_tokens_per_s" in baseline:
+                    ratio["steady_tokens_per_s"] = s["steady_tokens_per_s"] / baseline["steady_tokens_per_s"]
                 if "process_s" in s and "process_s" in baseline:
                     ratio |= {"process_wall": s["process_s"] / baseline["process_s"],
                               "process_peak_rss": s["process_peak_rss_mib"] / baseline["process_peak_rss_mib"]}
                 gpu_ratio = f", peak GPU x{ratio['peak_gpu']:.2f}" if "peak_gpu" in ratio else ""
+                if "steady_tokens_per_s" in ratio:
+                    gpu_ratio += f", steady tok/s x{ratio['steady_tokens_per_s']:.2f}"
                 if "process_wall" in ratio:
                     gpu_ratio += (f"; whole process: wall x{ratio['process_wall']:.2f}, "
                                   f"peak RSS x{ratio['process_peak_rss']:.2f}")

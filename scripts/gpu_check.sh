@@ -5,9 +5,11 @@
 # It uses the machine's own python3 and torch, installs .whl/ with --no-index, then runs
 #   1. pytest -m gpu: QLoRA mechanics on a small random Llama (loss falls, base unchanged, adapter
 #      reloads, resume after kill, FSDP-QLoRA as one process and as two with two GPUs);
-#   2. the bench, ftlab vs TRL's SFTTrainer, QLoRA on Llama-3.1-8B's shapes (random weights built
-#      on the GPU) at sequence 2048, batch 4: tokens/s, MFU, peak GPU memory;
-#   3. if time is left, the same with train.liger_kernel=true and train.compile=true.
+#   2. the bench, ftlab vs TRL's SFTTrainer (and ftlab with PEFT's own LoRA forward), QLoRA on
+#      Llama-3.1-8B's shapes (random weights built on the GPU) at sequence 2048, batch 4: tokens/s,
+#      MFU (over all steps and steady-state), peak GPU memory;
+#   3. a profile of ftlab's training step: GPU time by kind of kernel, and how busy the GPU was;
+#   4. if time is left, ftlab with train.liger_kernel=true and with train.compile=true.
 # Each part runs under its own time limit and a failing part does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,13 +38,19 @@ echo "== pytest -m gpu ($(left) s left)"
 timeout 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" \
   || status=1
 
+SHAPES=(--device cuda --train qlora --quantization nf4 --precision bf16 --backbone llama-3.1-8b-random --fill-length
+        --max-length 2048 --batch-size 4 --cache-dir "$CACHE")
 bench() {  # bench <runners> <results name>
-  timeout "$(left)" "$PYTHON" scripts/bench.py --device cuda --train qlora --quantization nf4 --precision bf16 \
-    --backbone llama-3.1-8b-random --fill-length --max-length 2048 --batch-size 4 --steps "$STEPS" --repeats 1 \
-    --cache-dir "$CACHE" --runners "$1" --out "$OUT/$2" 2>&1 | tee "$OUT/${2%.json}.log"
+  timeout "$(left)" "$PYTHON" scripts/bench.py "${SHAPES[@]}" --steps "$STEPS" --repeats 1 --no-whole-process \
+    --runners "$1" --out "$OUT/$2" 2>&1 | tee "$OUT/${2%.json}.log"
 }
 echo "== bench: ftlab vs TRL, QLoRA, Llama-3.1-8B shapes ($(left) s left)"
-bench ftlab,trl-defaults "gpu-llama8b-qlora-$stamp.json" || status=1
+bench ftlab,trl-defaults,ftlab-peft-lora "gpu-llama8b-qlora-$stamp.json" || status=1
+if [ "$(left)" -gt 100 ]; then
+  echo "== profile of ftlab's step ($(left) s left)"
+  timeout "$(left)" "$PYTHON" scripts/profile_step.py "${SHAPES[@]}" --warmup 3 --steps 2 \
+    --out "$OUT/gpu-llama8b-qlora-profile-$stamp.json" 2>&1 | tee "$OUT/gpu-llama8b-qlora-profile-$stamp.log" || status=1
+fi
 for option in liger compiled; do  # each in its own run, so a compile that runs out of time costs only itself
   if [ "$(left)" -gt 100 ]; then
     echo "== bench: ftlab-$option ($(left) s left)"

@@ -100,3 +100,18 @@ def test_the_saved_gpu_results_read_back_with_the_card_named(capsys):
     for runner in ("ftlab", "trl-defaults", "ftlab-bf16-hidden"):
         assert 0 < summary[runner]["mfu"] < 1 and summary[runner]["peak_gpu_mib"] > 0
     assert "peak GPU x" in printed and "ftlab-bf16-hidden / trl-defaults" in printed
+
+
+def test_gpu_check_names_only_runners_and_options_the_scripts_take():
+    import re
+    import shlex
+
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    bench = load_script("bench")
+    named = [runner for call in re.findall(r'^\s*bench\s+"?([\w,$-]+)', script, re.M) for runner in call.split(",")]
+    options = re.findall(r"for option in ([\w ]+); do", script)[0].split()
+    assert {"ftlab", "trl-defaults", "ftlab-peft-lora"} <= set(named) and "--no-whole-process" in script
+    assert {r for r in named if "$" not in r} | {f"ftlab-{option}" for option in options} <= set(bench.RUNNERS)
+    shapes = re.search(r"SHAPES=\((.*?)\)", script, re.S).group(1).replace('"$CACHE"', "/tmp/cache")
+    args = load_script("profile_step").parse_args([*shlex.split(shapes), "--warmup", "3", "--steps", "2"])
+    assert (args.device, args.quantization, args.max_length, args.fill_length) == ("cuda", "nf4", 2048, True)

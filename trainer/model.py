@@ -299,6 +299,10 @@ def add_lora(model, cfg: DictConfig, runtime: Runtime):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
+    if cfg.train.fused_lora:
+        from trainer.lora_forward import fuse_lora_adds
+
+        fuse_lora_adds(model)
     if runtime.dtype != torch.float32:
         let_autocast_cast_adapter_inputs(model)
     return model

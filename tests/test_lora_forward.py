@@ -1,0 +1,95 @@
+"""The fused LoRA forward gives PEFT's outputs and gradients, and leaves PEFT's other modes alone."""
+import pytest
+import torch
+
+from trainer.lora_forward import fused_lora_forward
+from trainer.model import Runtime, add_lora, load_base_model
+
+
+def lora_model(make_cfg, *overrides: str, dtype=torch.float32, quantization: str = "none", like=None):
+    """The tiny Llama with a LoRA adapter whose B is not zero; with `like`, that model's adapter."""
+    cfg = make_cfg(*overrides)
+    runtime = Runtime(device="cpu", dtype=dtype, quantization=quantization)
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg, runtime), cfg, runtime)
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; make the adapter's term count
+            torch.nn.init.normal_(parameter, std=0.05)
+    if like is not None:
+        adapter = {name: value for name, value in like.state_dict().items() if "lora_" in name}
+        assert not model.load_state_dict(adapter, strict=False).unexpected_keys
+    return model
+
+
+def fused_layers(model) -> list:
+    return [m for m in model.modules() if getattr(m.forward, "__func__", None) is fused_lora_forward]
+
+
+def loss_and_gradients(model, dtype) -> tuple[torch.Tensor, dict]:
+    batch = {"input_ids": torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_fused_forward_matches_pefts_loss_and_gradients(make_cfg, quantization):
+    fused = lora_model(make_cfg, f"train.quantization={quantization}", quantization=quantization)
+    plain = lora_model(make_cfg, f"train.quantization={quantization}", "train.fused_lora=false",
+                       quantization=quantization, like=fused)
+    assert len(fused_layers(fused)) == 7 * fused.config.num_hidden_layers and not fused_layers(plain)
+    fused_loss, fused_grads = loss_and_gradients(fused, torch.float32)
+    plain_loss, plain_grads = loss_and_gradients(plain, torch.float32)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_forward_in_bf16_is_as_close_to_fp32_as_pefts(make_cfg):
+    """Under bf16 autocast the two round differently (the fused GEMM sums the adapter term in fp32):
+    each gradient must be about as close to the fp32 one as PEFT's."""
+    reference = lora_model(make_cfg)
+    fused = lora_model(make_cfg, dtype=torch.bfloat16, like=reference)
+    plain = lora_model(make_cfg, "train.fused_lora=false", dtype=torch.bfloat16, like=reference)
+    exact_loss, exact = loss_and_gradients(reference, torch.float32)
+    fused_loss, fused_grads = loss_and_gradients(fused, torch.bfloat16)
+    plain_loss, plain_grads = loss_and_gradients(plain, torch.bfloat16)
+    assert abs(fused_loss - exact_loss) <= max(2 * abs(plain_loss - exact_loss), 2e-3)
+    for name, grad in exact.items():
+        fused_error = float((fused_grads[name] - grad).norm() / grad.norm())
+        plain_error = float((plain_grads[name] - grad).norm() / grad.norm())
+        assert fused_error <= max(2 * plain_error, 0.03), (name, fused_error, plain_error)
+
+
+def test_fused_forward_under_gradient_checkpointing_matches(make_cfg):
+    fused = lora_model(make_cfg, "train.gradient_checkpointing=true")
+    plain = lora_model(make_cfg, "train.gradient_checkpointing=true", "train.fused_lora=false", like=fused)
+    fused.train(), plain.train()
+    _, fused_grads = loss_and_gradients(fused, torch.float32)
+    _, plain_grads = loss_and_gradients(plain, torch.float32)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_disabled_adapter_and_generation_take_pefts_paths(make_cfg):
+    model = lora_model(make_cfg)
+    base = load_base_model(make_cfg(), Runtime(device="cpu", dtype=torch.float32, quantization="none"))
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+        assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
+        model.config.use_cache = True
+        generated = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 12)
+
+
+def test_layers_with_dropout_keep_pefts_forward(make_cfg):
+    model = lora_model(make_cfg, "lora.dropout=0.1")
+    assert not fused_layers(model)
