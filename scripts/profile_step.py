@@ -75,6 +75,10 @@ def profiled_events(profiler, gpu: bool) -> list[tuple[str, float, int]]:
 def print_summary(summary: dict) -> None:
     print(f"\n{summary['steps']} profiled steps: {summary['step_ms']:.1f} ms a step, {summary['unit']} busy "
           f"{summary['busy_ms']:.1f} ms ({summary['busy_fraction']:.0%})")
+    if "gpu_memory" in summary:
+        memory = summary["gpu_memory"]
+        print(f"GPU memory: {memory['between_steps_mib']:.0f} MiB between steps, {memory['peak_in_step_mib']:.0f} MiB "
+              "at the peak of a step")
     print(f"{'kind':26s} {'ms/step':>9s} {'share':>6s}")
     for kind, row in summary["kinds"].items():
         print(f"{kind:26s} {row['ms_per_step']:9.2f} {row['share']:6.1%}")
@@ -121,6 +125,9 @@ def main() -> None:
         def maybe_profiled_step(batch):
             if seen["n"] == args.warmup:
                 sync()
+                if gpu:  # what stays between steps (weights, adapter, optimizer), and the peak within one
+                    clock["memory"] = {"between_steps_mib": round(torch.cuda.memory_allocated() / 2**20, 1)}
+                    torch.cuda.reset_peak_memory_stats()
                 profiler.start()
                 clock["start"] = time.perf_counter()
             result = step(batch)
@@ -129,11 +136,15 @@ def main() -> None:
                 sync()
                 clock["wall"] = time.perf_counter() - clock["start"]
                 profiler.stop()
+                if gpu:
+                    clock["memory"]["peak_in_step_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             return result
 
         job._optimizer_step = maybe_profiled_step
         job.train()
     summary = summarise_events(profiled_events(profiler, gpu), profiled, clock["wall"], gpu)
+    if gpu:
+        summary["gpu_memory"] = clock["memory"]
     record = {"command": "scripts/profile_step.py " + " ".join(sys.argv[1:]), **bench.environment(device=job.runtime.device),
               "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"steps": profiled}, "profile": summary}
     print_summary(summary)

@@ -48,13 +48,13 @@ def train(cfg: DictConfig) -> int:
 
 
 def _import_only_what_the_job_uses(cfg: DictConfig) -> None:
-    """In a single-job process, skip the GPU-only packages a CPU job never uses (a sweep's jobs may differ)."""
+    """In a single-job process, skip the packages its job never uses (a sweep's jobs may differ)."""
     from hydra.types import RunMode
 
-    from trainer.model import resolve_runtime, skip_gpu_only_imports
+    from trainer.model import resolve_runtime, skip_unused_imports
 
     if HydraConfig.get().mode == RunMode.RUN:
-        skip_gpu_only_imports(resolve_runtime(cfg.train))
+        skip_unused_imports(resolve_runtime(cfg.train))
 
 
 # what a resumed job may change: how long it runs and how it records, never what it learns from
@@ -184,13 +184,10 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow this too
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported, not before
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> None:

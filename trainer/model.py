@@ -52,23 +52,27 @@ def keep_cpu_memory_flat() -> bool:
 
 
 GPU_ONLY_PACKAGES = ("bitsandbytes", "triton")
+UNUSED_PACKAGES = ("scipy",)  # transformers imports scipy.optimize for its object-detection losses, nothing else
 
 
-def skip_gpu_only_imports(runtime: Runtime) -> list[str]:
-    """Make bitsandbytes and Triton look uninstalled to this process, when its job cannot use them.
+def skip_unused_imports(runtime: Runtime) -> list[str]:
+    """Make packages this process's job never uses look uninstalled, before anything imports them.
 
-    PEFT imports bitsandbytes, and torch._dynamo (which transformers' masking code imports)
-    imports Triton, whether or not the job will ever use them: on a CPU job without 4-bit
-    weights that is ~1 s and ~100 MiB of nothing (README, Performance). Only a process that
-    has not imported them yet, and runs one such job, should call this. Returns the names hidden.
+    transformers imports SciPy (0.25 s) whenever it loads its loss code. PEFT imports
+    bitsandbytes, and torch._dynamo (which transformers' masking code imports) imports Triton,
+    whether or not the job will ever use them: on a CPU job without 4-bit weights that is ~1 s
+    and ~100 MiB of nothing (README, Performance). Only a process that runs one job should call
+    this. Returns the names hidden.
     """
-    if runtime.device != "cpu" or runtime.quantization != Quantization.none.value:
-        return []
-    if any(name in sys.modules for name in ("peft", "torch._dynamo", *GPU_ONLY_PACKAGES)):
-        return []  # too late to save anything, and the libraries may already hold references
-    for name in GPU_ONLY_PACKAGES:
+    hidden = []
+    if not any(name in sys.modules for name in ("transformers", *UNUSED_PACKAGES)):  # it asks once, on import
+        hidden += UNUSED_PACKAGES
+    cpu_only = runtime.device == "cpu" and runtime.quantization == Quantization.none.value
+    if cpu_only and not any(name in sys.modules for name in ("peft", "torch._dynamo", *GPU_ONLY_PACKAGES)):
+        hidden += GPU_ONLY_PACKAGES  # once imported it is too late: the libraries may already hold references
+    for name in hidden:
         sys.modules[name] = None  # `import name` raises ImportError; find_spec(name) returns None
-    return list(GPU_ONLY_PACKAGES)
+    return list(hidden)
 
 
 def resolve_runtime(train_cfg: DictConfig) -> Runtime:
