@@ -16,6 +16,9 @@ Each (runner, repeat) is its own subprocess, so peak RSS is per run; runners alt
   ftlab-compiled the same as ftlab with train.compile=true (compile time included in the timing)
   ftlab-liger    the same as ftlab with train.liger_kernel=true (CUDA: Liger's RMSNorm, RoPE, SwiGLU kernels)
   ftlab-fp32-hidden  the same as ftlab with train.fp32_hidden_states=true (an fp32 residual stream under bf16)
+  ftlab-peft-lora    the same as ftlab with train.fused_lora=false (PEFT's own LoRA forward)
+  ftlab-unfused  the same as ftlab with train.fused_lora=false and train.fused_rms_norm=false (transformers' own
+                 RMSNorm too): what ftlab's fusions (trainer/fused.py) give together
   trl-defaults   SFTTrainer as a user starts it: SFTConfig defaults (gradient checkpointing, bf16 autocast,
                  dynamic padding, random order, loss on every token of the conversation)
   trl-best       SFTTrainer tuned: padding_free=True, no gradient checkpointing, assistant-only loss
@@ -66,7 +69,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RUNNERS = ["ftlab", "ftlab-padded", "ftlab-compiled", "ftlab-liger", "ftlab-fp32-hidden", "ftlab-peft-lora",
-           "trl-defaults", "trl-best", "trl-packing"]
+           "ftlab-unfused", "trl-defaults", "trl-best", "trl-packing"]
 DEFAULT_RUNNERS = "ftlab,trl-defaults,trl-best"
 
 
@@ -268,7 +271,8 @@ def peak_memory(device: str) -> dict:
 FTLAB_RUNNER_OVERRIDES = {"ftlab": (), "ftlab-padded": ("train.packing=false",),
                           "ftlab-compiled": ("train.compile=true",), "ftlab-liger": ("train.liger_kernel=true",),
                           "ftlab-fp32-hidden": ("train.fp32_hidden_states=true",),
-                          "ftlab-peft-lora": ("train.fused_lora=false",)}
+                          "ftlab-peft-lora": ("train.fused_lora=false",),
+                          "ftlab-unfused": ("train.fused_lora=false", "train.fused_rms_norm=false")}
 
 
 def run_ftlab(args, runner: str) -> dict:
@@ -306,6 +310,7 @@ def run_ftlab(args, runner: str) -> dict:
                              "liger_kernel": bool(cfg.train.liger_kernel),
                              "fp32_hidden_states": bool(cfg.train.fp32_hidden_states),
                              "fused_lora": bool(cfg.train.fused_lora),
+                             "fused_rms_norm": bool(cfg.train.fused_rms_norm),
                              "precision": job.runtime.precision_name,
                              "quantization": job.runtime.quantization,
                              "gradient_checkpointing": bool(cfg.train.gradient_checkpointing)}}

@@ -5,7 +5,7 @@
 # It uses the machine's own python3 and torch, installs .whl/ with --no-index, then runs
 #   1. pytest -m gpu: QLoRA mechanics on a small random Llama (loss falls, base unchanged, adapter
 #      reloads, resume after kill, FSDP-QLoRA as one process and as two with two GPUs);
-#   2. the bench, ftlab vs TRL's SFTTrainer (and ftlab with PEFT's own LoRA forward), QLoRA on
+#   2. the bench, ftlab vs TRL's SFTTrainer (and ftlab without its own fusions), QLoRA on
 #      Llama-3.1-8B's shapes (random weights built on the GPU) at sequence 2048, batch 4: tokens/s,
 #      MFU (over all steps and steady-state), peak GPU memory;
 #   3. a profile of ftlab's training step: GPU time by kind of kernel, and how busy the GPU was;
@@ -45,7 +45,7 @@ bench() {  # bench <runners> <results name>
     --runners "$1" --out "$OUT/$2" 2>&1 | tee "$OUT/${2%.json}.log"
 }
 echo "== bench: ftlab vs TRL, QLoRA, Llama-3.1-8B shapes ($(left) s left)"
-bench ftlab,trl-defaults,ftlab-peft-lora "gpu-llama8b-qlora-$stamp.json" || status=1
+bench ftlab,trl-defaults,ftlab-unfused "gpu-llama8b-qlora-$stamp.json" || status=1
 if [ "$(left)" -gt 100 ]; then
   echo "== profile of ftlab's step ($(left) s left)"
   timeout "$(left)" "$PYTHON" scripts/profile_step.py "${SHAPES[@]}" --warmup 3 --steps 2 \

@@ -124,21 +124,24 @@ def test_the_saved_adapter_reloads_to_the_same_logits(tmp_path, cache_dir, train
     torch.testing.assert_close(reloaded, trained, atol=2e-2, rtol=0)  # ...and reloads to the same output
 
 
-def test_fused_lora_forward_matches_pefts_on_4bit_layers(tmp_path, cache_dir, train_file):
-    """The adapter term added inside the GEMM (train.fused_lora, the default) against PEFT's own forward,
-    on bitsandbytes' 4-bit layers under bf16 autocast: the same loss and gradients, up to bf16 rounding."""
+def test_ftlabs_fusions_match_peft_and_transformers_on_4bit_layers(tmp_path, cache_dir, train_file):
+    """The adapter term added inside the GEMM (train.fused_lora) and torch's fused RMSNorm (train.fused_rms_norm),
+    the defaults, against PEFT's forward and transformers' norm, on bitsandbytes' 4-bit layers under bf16
+    autocast: the same loss and gradients, up to bf16 rounding."""
     from trainer.data.tokenize import batches_for_epoch
     from trainer.loss import supervised_forward
-    from trainer.lora_forward import fused_lora_forward
+    from trainer.fused import fused_lora_forward, fused_rms_norm_forward
     from trainer.train import FineTuningJob
 
     gradients, losses_seen = [], []
     for fused in ("true", "false"):
-        cfg = compose_job(*qlora_args(train_file, cache_dir, "train.batch_size=4", f"train.fused_lora={fused}"))
+        cfg = compose_job(*qlora_args(train_file, cache_dir, "train.batch_size=4", f"train.fused_lora={fused}",
+                                      f"train.fused_rms_norm={fused}"))
         job = FineTuningJob(cfg, tmp_path / f"run-{fused}")
         job.setup()
         n_fused = sum(getattr(m.forward, "__func__", None) is fused_lora_forward for m in job.model.modules())
-        assert n_fused == (4 * 7 if fused == "true" else 0)
+        n_norms = sum(getattr(m.forward, "__func__", None) is fused_rms_norm_forward for m in job.model.modules())
+        assert (n_fused, n_norms) == ((4 * 7, 4 * 2 + 1) if fused == "true" else (0, 0))
         torch.manual_seed(1)
         for name, parameter in job.model.named_parameters():
             if "lora_B" in name:  # B starts at zero: give the adapter's term a value

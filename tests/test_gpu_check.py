@@ -110,7 +110,7 @@ def test_gpu_check_names_only_runners_and_options_the_scripts_take():
     bench = load_script("bench")
     named = [runner for call in re.findall(r'^\s*bench\s+"?([\w,$-]+)', script, re.M) for runner in call.split(",")]
     options = re.findall(r"for option in ([\w ]+); do", script)[0].split()
-    assert {"ftlab", "trl-defaults", "ftlab-peft-lora"} <= set(named) and "--no-whole-process" in script
+    assert {"ftlab", "trl-defaults", "ftlab-unfused"} <= set(named) and "--no-whole-process" in script
     assert {r for r in named if "$" not in r} | {f"ftlab-{option}" for option in options} <= set(bench.RUNNERS)
     shapes = re.search(r"SHAPES=\((.*?)\)", script, re.S).group(1).replace('"$CACHE"', "/tmp/cache")
     args = load_script("profile_step").parse_args([*shlex.split(shapes), "--warmup", "3", "--steps", "2"])

@@ -304,7 +304,7 @@ def add_lora(model, cfg: DictConfig, runtime: Runtime):
         )
         model = get_peft_model(model, config)
     if cfg.train.fused_lora:
-        from trainer.lora_forward import fuse_lora_adds
+        from trainer.fused import fuse_lora_adds
 
         fuse_lora_adds(model)
     if runtime.dtype != torch.float32:

@@ -45,6 +45,7 @@ from trainer.distributed import (
 )
 from trainer.files import write_json
 from trainer.flops import flops_per_token, peak_flops
+from trainer.fused import fuse_rms_norms
 from trainer.hyperparams import SettingsError, check_job_settings, resolve_hyperparameters
 from trainer.loss import supervised_forward, validation_loss
 from trainer.model import (
@@ -226,6 +227,8 @@ class FineTuningJob:
         base = load_base_model(self.cfg, self.runtime)
         if self.cfg.train.liger_kernel:
             apply_liger_kernels(base, self.runtime)
+        elif self.cfg.train.fused_rms_norm:
+            fuse_rms_norms(base)
         if (self.cfg.train.packing and self.runtime.device == "cpu" and not self.cfg.train.compile
                 and base.config._attn_implementation == "sdpa"):
             from trainer.attention import PACKED_ROWS

@@ -1,8 +1,9 @@
-"""The fused LoRA forward gives PEFT's outputs and gradients, and leaves PEFT's other modes alone."""
+"""ftlab's fusions: the LoRA forward gives PEFT's outputs and gradients and leaves PEFT's other modes alone;
+the RMSNorm gives transformers' outputs and gradients."""
 import pytest
 import torch
 
-from trainer.lora_forward import fused_lora_forward
+from trainer.fused import fuse_rms_norms, fused_lora_forward, fused_rms_norm_forward
 from trainer.model import Runtime, add_lora, load_base_model
 
 
@@ -93,3 +94,53 @@ def test_disabled_adapter_and_generation_take_pefts_paths(make_cfg):
 def test_layers_with_dropout_keep_pefts_forward(make_cfg):
     model = lora_model(make_cfg, "lora.dropout=0.1")
     assert not fused_layers(model)
+
+
+def llama_norm(hidden_size: int = 64, dtype=torch.float32):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(hidden_size, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_fused_rms_norm_matches_transformers_norm(dtype, tolerance):
+    norm = llama_norm(dtype=dtype)
+    fused = llama_norm(dtype=dtype)
+    fused.load_state_dict(norm.state_dict())
+    assert fuse_rms_norms(fused) == 1
+    x = (torch.randn(3, 7, 64) * 4).to(dtype).requires_grad_()
+    expected, got = norm(x), fused(x)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    (expected_grad,) = torch.autograd.grad(expected.float().square().sum(), x)
+    (got_grad,) = torch.autograd.grad(got.float().square().sum(), x)
+    torch.testing.assert_close(got_grad.float(), expected_grad.float(), rtol=5 * tolerance, atol=5 * tolerance)
+
+
+def test_fused_rms_norm_stays_in_bf16_under_autocast_and_falls_back_for_an_fp32_stream():
+    norm = llama_norm(dtype=torch.bfloat16)
+    reference = llama_norm(dtype=torch.bfloat16)
+    reference.load_state_dict(norm.state_dict())
+    fuse_rms_norms(norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    fp32_stream = torch.randn(2, 64)  # train.fp32_hidden_states: transformers' mixed formula, exactly
+    torch.testing.assert_close(norm(fp32_stream), reference(fp32_stream), rtol=0, atol=0)
+
+
+def test_a_job_fuses_every_norm_of_the_backbone_unless_told_not_to(make_cfg, chat_files, tmp_path):
+    from trainer.train import FineTuningJob
+
+    train, valid = chat_files
+    counts = {}
+    for fused in ("true", "false"):
+        cfg = make_cfg("data=custom", f"data.train_file={train}", f"data.validation_file={valid}",
+                       f"train.fused_rms_norm={fused}", "train.max_steps=1")
+        job = FineTuningJob(cfg, tmp_path / fused)
+        job.setup()
+        counts[fused] = sum(getattr(m.forward, "__func__", None) is fused_rms_norm_forward for m in job.model.modules())
+    layers = job.model.config.num_hidden_layers
+    assert counts == {"true": 2 * layers + 1, "false": 0}  # two per layer and the final norm
