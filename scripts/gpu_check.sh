@@ -35,7 +35,7 @@ CACHE=${GPU_CHECK_CACHE:-/tmp/ftlab-cache}
 
 status=0
 echo "== pytest -m gpu ($(left) s left)"
-timeout 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" \
+timeout 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --durations=0 tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" \
   || status=1
 
 SHAPES=(--device cuda --train qlora --quantization nf4 --precision bf16 --backbone llama-3.1-8b-random --fill-length
