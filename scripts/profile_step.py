@@ -24,7 +24,7 @@ import bench  # noqa: E402  (the bench's arguments, config and environment)
 # First match wins; names lower-cased. GPU kernel names (cuBLAS/CUTLASS/nvjet GEMMs, bitsandbytes,
 # flash/cuDNN attention, Triton, PyTorch's elementwise templates) and CPU operator names alike.
 KINDS = [
-    ("4-bit dequantize", r"dequantize|kdequant|gemm_4bit|gemv_4bit"),
+    ("4-bit dequantize / gemm", r"dequantize|kdequant|gemm_4bit|gemv_4bit"),
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product|cudnn_generated"),
     ("optimizer", r"optimizer|adam|multi_tensor|foreach_|_fused_adam"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|aten::mm$|aten::addmm|aten::bmm|aten::baddbmm|mkldnn_matmul|"
@@ -32,7 +32,8 @@ KINDS = [
     ("cross-entropy / softmax", r"softmax|cross_?entropy|nll_loss|logsumexp"),
     ("norm", r"norm|rsqrt"),
     ("copy / cast", r"copy|cast|memcpy|memset|fill|aten::to$|_to_copy|cat|clone|contiguous"),
-    ("elementwise / reduce", r"elementwise|vectorized|reduce|triton|aten::(mul|add|sub|div|silu|neg|exp|pow|mean|sum)"),
+    ("elementwise / reduce", r"elementwise|vectorized|reduce|triton|swiglu|silu|rope|"
+                             r"aten::(mul|add|sub|div|neg|exp|pow|mean|sum)"),
 ]
 
 
