@@ -150,3 +150,24 @@ def test_out_of_memory_names_the_knobs(make_cfg, chat_files, tmp_path, monkeypat
     assert error["code"] == "out_of_memory"
     for knob in ["train.micro_batch_size", "train.gradient_checkpointing", "train.max_length", "train.quantization=nf4"]:
         assert knob in error["message"]
+
+
+def test_results_csv_grows_a_line_a_step_and_a_resume_drops_the_rows_past_its_checkpoint(tmp_path):
+    from trainer.run import ResultsTable
+
+    path = tmp_path / "results.csv"
+    path.write_text("step,train_loss\n1,9.0\n2,9.0\n")  # a previous run's rows: this run replaces them
+    table = ResultsTable(path)
+    for step in range(1, 6):
+        table.add({"step": step, "train_loss": step / 10})
+        rows = list(csv.DictReader(path.open()))
+        assert [int(r["step"]) for r in rows] == list(range(1, step + 1))  # readable after every step
+    assert rows[-1]["train_loss"] == "0.5" and rows[0]["valid_loss"] == ""
+    with path.open("a") as handle:
+        handle.write("1")  # step 12's line, cut short by a crash: not a second step 1
+    resumed = ResultsTable(path)
+    resumed.load(until_step=3)
+    assert [r["step"] for r in resumed.rows] == [1, 2, 3] and resumed.rows[2]["train_loss"] == 0.3
+    assert [int(r["step"]) for r in csv.DictReader(path.open())] == [1, 2, 3]  # dropped on disk at once
+    resumed.add({"step": 4, "train_loss": 0.4})
+    assert [int(r["step"]) for r in csv.DictReader(path.open())] == [1, 2, 3, 4]

@@ -1,7 +1,7 @@
 """The run directory is the job record: job.json, events.jsonl, results.csv, env.json.
 
 Every file is written atomically (temp file + rename), so a killed run never leaves a
-half-written record; events.jsonl only ever grows by whole lines.
+half-written record; events.jsonl and results.csv only ever grow by whole lines.
 """
 import csv
 import io
@@ -131,29 +131,49 @@ class EventLog:
 
 
 class ResultsTable:
-    """`results.csv` (step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy)."""
+    """`results.csv` (step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy).
+
+    Each step appends one line (O(1), like events.jsonl); the file is rewritten atomically only
+    when this process first writes it and when a resume drops the rows past its checkpoint.
+    Rewriting every step cost O(steps): 7 ms a step by step 5,000.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[dict] = []
+        self._appending = False  # whether the file on disk holds exactly self.rows
 
     def load(self, until_step: int) -> None:
-        """Read back the rows up to `until_step` (a resumed run appends after them)."""
+        """Read back the rows up to `until_step` (a resumed run appends after them); drop the rest on disk."""
+        self.rows = []
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as handle:
-                self.rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= until_step]
-            for row in self.rows:
-                for column in RESULT_COLUMNS[1:]:
-                    row[column] = float(row[column]) if row[column] not in ("", None) else ""
-                row["step"] = int(row["step"])
+            with open(self.path, encoding="utf-8", newline="") as handle:
+                for row in csv.DictReader(handle):
+                    try:
+                        parsed = {column: float(row[column]) if row[column] not in ("", None) else ""
+                                  for column in RESULT_COLUMNS[1:]} | {"step": int(row["step"])}
+                    except (KeyError, TypeError, ValueError):
+                        continue  # a line cut short by a crash
+                    in_order = not self.rows or parsed["step"] > self.rows[-1]["step"]
+                    if in_order and parsed["train_loss"] != "" and parsed["step"] <= until_step:
+                        self.rows.append({column: parsed[column] for column in RESULT_COLUMNS})
+        self._rewrite()
 
     def add(self, row: dict) -> None:
         self.rows.append({column: row.get(column, "") for column in RESULT_COLUMNS})
+        if not self._appending:
+            self._rewrite()  # a fresh run dir, or one whose old rows this run replaces
+            return
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:  # one short write: whole lines only
+            csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, lineterminator="\n").writerow(self.rows[-1])
+
+    def _rewrite(self) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         write_atomic(self.path, buffer.getvalue())
+        self._appending = True
 
 
 def describe_environment(seed: int, data_files: dict[str, Path]) -> dict:
