@@ -5,7 +5,7 @@
         --backbone llama-3.1-8b-random --fill-length --max-length 2048 --batch-size 4   # make gpu-check
 
 It builds the job as `scripts/bench.py` does (same arguments), trains `--warmup` steps untimed,
-then profiles `--steps` more. On a GPU it sums kernel time by kind (matmuls, 4-bit dequantization,
+then profiles `--steps` more (a JSON, and a bar chart beside it). On a GPU it sums kernel time by kind (matmuls, 4-bit dequantization,
 attention, normalisation and other elementwise work, copies and casts, the optimizer) and reports
 how busy the GPU was: a step whose kernels fill much less than its wall time is waiting on Python.
 On a CPU it sums each operator's own time the same way. Prints a table and writes a JSON.
@@ -102,6 +102,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def plot_summary(summary: dict, path: Path, title: str) -> Path:
+    """The step's time by kind as horizontal bars (milliseconds per step), saved as a PNG."""
+    from trainer.plots import plt, save_figure
+
+    kinds = list(summary["kinds"].items())[::-1]  # biggest at the top
+    figure, axes = plt.subplots(figsize=(7, 0.45 * len(kinds) + 1.2), dpi=110)
+    axes.barh([kind for kind, _ in kinds], [row["ms_per_step"] for _, row in kinds], color="#1f77b4")
+    for index, (_, row) in enumerate(kinds):
+        axes.annotate(f" {row['share']:.0%}", (row["ms_per_step"], index), va="center", fontsize=8)
+    axes.set_xlabel(f"ms per step ({summary['unit']}; a step takes {summary['step_ms']:.0f} ms, "
+                    f"{summary['busy_fraction']:.0%} of it busy)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(axis="x", alpha=0.3)
+    return save_figure(figure, path)
+
+
 def main() -> None:
     args = parse_args()
     args.steps, profiled = args.warmup + args.steps, args.steps  # the job's max_steps covers both
@@ -152,7 +168,9 @@ def main() -> None:
     out = Path(args.out or bench.REPO / "benchmarks" / "results" / f"profile-{job.runtime.device}-{args.backbone}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nprofile: {out}")
+    plot = plot_summary(summary, out.with_suffix(".png"), f"where a training step's time goes: {args.backbone}, "
+                        f"{record['machine']['gpu'] or record['machine']['cpu']}")
+    print(f"\nprofile: {out} and {plot}")
 
 
 if __name__ == "__main__":

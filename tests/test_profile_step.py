@@ -58,3 +58,4 @@ def test_a_cpu_profile_of_the_tiny_llama(profile_step, cache_dir, tmp_path, monk
     assert "matmul" in profile["kinds"] and profile["top"]
     assert record["settings"]["warmup"] == 1 and record["machine"]["cores"] >= 1
     assert "profiled steps" in capsys.readouterr().out
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart beside the JSON
