@@ -144,3 +144,9 @@ def test_a_job_fuses_every_norm_of_the_backbone_unless_told_not_to(make_cfg, cha
         counts[fused] = sum(getattr(m.forward, "__func__", None) is fused_rms_norm_forward for m in job.model.modules())
     layers = job.model.config.num_hidden_layers
     assert counts == {"true": 2 * layers + 1, "false": 0}  # two per layer and the final norm
+
+
+def test_fsdp_jobs_keep_pefts_lora_forward(make_cfg):
+    """FSDP wraps each LoRA matrix as its own unit, gathered only when its own forward runs."""
+    assert fused_layers(lora_model(make_cfg, "train.distributed=ddp"))
+    assert not fused_layers(lora_model(make_cfg, "train.distributed=fsdp"))

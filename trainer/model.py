@@ -303,7 +303,9 @@ def add_lora(model, cfg: DictConfig, runtime: Runtime):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
-    if cfg.train.fused_lora:
+    if cfg.train.fused_lora and cfg.train.distributed != Distributed.fsdp:
+        # FSDP makes each LoRA matrix a unit of its own, whole only inside its own forward: PEFT's forward calls
+        # it, the fused one reads the weights directly
         from trainer.fused import fuse_lora_adds
 
         fuse_lora_adds(model)
