@@ -91,9 +91,15 @@ def test_disabled_adapter_and_generation_take_pefts_paths(make_cfg):
     assert generated.shape == (1, 12)
 
 
-def test_layers_with_dropout_keep_pefts_forward(make_cfg):
+def test_layers_with_dropout_or_dora_keep_pefts_forward(make_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.fused import fuse_lora_adds
+
     model = lora_model(make_cfg, "lora.dropout=0.1")
     assert not fused_layers(model)
+    dora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    assert fuse_lora_adds(dora) == 0
 
 
 def llama_norm(hidden_size: int = 64, dtype=torch.float32):

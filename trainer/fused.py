@@ -49,11 +49,10 @@ def can_fuse(layer) -> bool:
 
     if not isinstance(layer, LoraLayer) or not isinstance(layer.get_base_layer(), torch.nn.Linear):
         return False
-    if len(layer.lora_A) != 1 or layer.lora_variant or getattr(layer, "fan_in_fan_out", False):
+    if len(layer.lora_A) != 1 or layer.lora_variant or getattr(layer, "fan_in_fan_out", False):  # DoRA is a variant
         return False
     (name,) = layer.lora_A.keys()
-    return (isinstance(layer.lora_dropout[name], torch.nn.Identity) and layer.lora_B[name].bias is None
-            and name not in getattr(layer, "lora_magnitude_vector", {}))
+    return isinstance(layer.lora_dropout[name], torch.nn.Identity) and layer.lora_B[name].bias is None
 
 
 def fuse_lora_adds(model) -> int:
