@@ -3,6 +3,7 @@ ft: models and checkpoints, streaming == plain text, usage, n, seed, stop, lengt
 requests to different adapters, LRU eviction, and a client that leaves mid-stream."""
 import concurrent.futures
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -235,7 +236,9 @@ def test_lru_eviction_and_removed_models(jobs, cache_dir, served):
     models = [names["a"], names["b"], f"{names['a']}:ckpt-step-2", names["a"], "gpt-3.5-turbo", names["b"]]
     expected = [chat(reference_client, model).choices[0].message.content for model in models]
     root, _ = jobs
-    with live_server(root, _overrides(cache_dir, "server.max_loaded_models=1")) as (url, server):
+    copy = root.parent / "root-lru"  # a second server needs a root of its own (one server per jobs root)
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("ftlab.sqlite*", "serve.lock"), dirs_exist_ok=True)
+    with live_server(copy, _overrides(cache_dir, "server.max_loaded_models=1")) as (url, server):
         client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
         assert server.models.loaded() == {}  # nothing loads before the first request
         assert [chat(client, model).choices[0].message.content for model in models] == expected

@@ -172,6 +172,9 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback; any other address needs an api_key
     port: int = 8000
     api_key: Optional[str] = None  # clients send it as the Bearer token; null: $FTLAB_API_KEY, else no key (loopback only)
+    # Host names the server answers to besides loopback (localhost, 127.0.0.1, [::1]); any other Host header
+    # is refused, against DNS rebinding. With an api_key and this list empty, any Host is answered.
+    allowed_hosts: List[str] = field(default_factory=list)
     max_running_jobs: int = 1  # jobs training at once; the rest wait in a FIFO queue
     max_loaded_models: int = 4  # adapters kept loaded on the backbone (least recently used ones are unloaded)
     max_upload_mb: int = 512  # largest file accepted by POST /v1/files

@@ -6,21 +6,27 @@ Everything lives under `jobs_root`: uploaded files in `files/`, each job's run d
 `jobs/<ftjob-id>/` (the same record `ftlab train` leaves, so `ftlab jobs list root=<jobs_root>`
 sees API jobs), and the index `ftlab.sqlite`. Jobs train in their own processes (`runner.py`);
 the backbone in this process serves the fine-tuned adapters (`pool.py`).
+
+Start-up order, so that a server that cannot serve touches nothing: check the settings, bind the
+port, lock the jobs root (`root_lock.py`: one server per root), open the index, then recover and
+relaunch jobs. Who may call is `auth.py`'s; what a body may be is `bodies.py`'s.
 """
-import hmac
-import ipaddress
 import logging
 import os
 import signal
+import socket
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from omegaconf import DictConfig
 
-from trainer.serve.errors import APIError, error_response, install_error_handlers
+from trainer.serve.auth import Guard, allowed_host_names, is_loopback
+from trainer.serve.bodies import BodyLimit, text_only_json
+from trainer.serve.errors import install_error_handlers
+from trainer.serve.root_lock import RootInUse, RootLock
 from trainer.serve.store import Index
 
 log = logging.getLogger("ftlab.serve")
@@ -36,24 +42,28 @@ class Server:
     root: Path
     job_overrides: tuple[str, ...] = ()  # the serve command's overrides each job inherits (backbone=…, train.…)
     api_key: Optional[str] = None
+    address: str = ""  # host:port it listens on, recorded in the root's lock for a second server's message
+    lock: RootLock = field(init=False)
     index: Index = field(init=False)
     runner: object = field(init=False, default=None)
     models: object = field(init=False, default=None)
 
     def __post_init__(self):
         self.root = Path(self.root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = RootLock(self.root)
+        self.lock.acquire(self.address)  # raises RootInUse naming the other server, before anything is read
         (self.root / "files").mkdir(parents=True, exist_ok=True)
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         self.index = Index(self.root / "ftlab.sqlite")
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, overrides: tuple[str, ...] = ()) -> "Server":
-        """The server a composed config describes; the key comes from `server.api_key`, else `$FTLAB_API_KEY`."""
+    def from_config(cls, cfg: DictConfig, overrides: tuple[str, ...] = (), address: str = "") -> "Server":
+        """The server a composed config describes, listening at `address`; it holds the jobs root's lock."""
         from trainer.jobs import jobs_root
 
         job_overrides = tuple(o for o in overrides if not o.lstrip("+~").startswith(SERVER_KEYS))
-        return cls(cfg, jobs_root(cfg.get("jobs_root")), job_overrides,
-                   cfg.server.api_key or os.environ.get("FTLAB_API_KEY") or None)
+        return cls(cfg, jobs_root(cfg.get("jobs_root")), job_overrides, configured_key(cfg), address)
 
     def start(self) -> None:
         """Start the job runner (which picks up what a previous server left) and the model pool."""
@@ -74,60 +84,43 @@ class Server:
         if self.models is not None:
             self.models.close()
         self.index.close()
+        self.lock.release()
+
+
+def configured_key(cfg: DictConfig) -> Optional[str]:
+    """The API key: `server.api_key`, else `$FTLAB_API_KEY`, else none."""
+    return cfg.server.api_key or os.environ.get("FTLAB_API_KEY") or None
 
 
 def check_bind_address(host: str, api_key: Optional[str]) -> None:
     """Refuse to listen beyond loopback without an API key."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not api_key:
+    if not is_loopback(host) and not api_key:
         raise ValueError(f"server.host={host} is not a loopback address: set server.api_key (or FTLAB_API_KEY) "
                          "so that only clients with the key can use the server, or keep server.host=127.0.0.1")
 
 
-def require_key(request: Request) -> None:
-    """With a key configured, every API call must send it as `Authorization: Bearer <key>` (compared in constant time)."""
-    key = request.app.state.server.api_key
-    if not key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "Incorrect API key provided. Send the server's key (server.api_key or FTLAB_API_KEY) as "
-                       "the client's api_key.", code="invalid_api_key")
+class PortUnavailable(RuntimeError):
+    """The server's host:port cannot be listened on (another server has it, or the address is not this machine's)."""
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over the cap is refused with 413 before it is read whole.
-    File uploads have their own, larger cap (`server.max_upload_mb`)."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, for uvicorn to serve on: the port is this server's before
+    it touches any job. Raises PortUnavailable saying what to change."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # listening, not just bound: a second bind on the port fails from here on
+    except OSError as error:
+        sock.close()
+        raise PortUnavailable(f"cannot listen on {address_of(host, port)}: {error.strerror}. Is another server "
+                              "running there? Choose another server.port= (or server.host=)") from None
+    return sock
 
-    def __init__(self, app, max_bytes: int, max_upload_bytes: int):
-        self.app, self.max_bytes, self.max_upload_bytes = app, max_bytes, max_upload_bytes
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        upload = scope["path"].rstrip("/").endswith("/v1/files") and scope["method"] == "POST"
-        cap = self.max_upload_bytes + (1 << 20) if upload else self.max_bytes  # multipart framing on top
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > cap:
-            return await error_response(413, f"Request body of {int(length):,} bytes is over this server's limit of "
-                                        f"{cap:,} bytes", None, "request_too_large")(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > cap:
-                    raise APIError(413, f"Request body is over this server's limit of {cap:,} bytes",
-                                   code="request_too_large")
-            return message
-
-        return await self.app(scope, counted, send)
+def address_of(host: str, port: int) -> str:
+    """host:port, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def create_app(server: Server, *, start: bool = True) -> FastAPI:
@@ -144,15 +137,18 @@ def create_app(server: Server, *, start: bool = True) -> FastAPI:
         finally:
             server.stop()
 
+    # no /docs (Swagger UI loads from a CDN); /openapi.json is served behind the key, like the API
     app = FastAPI(title="ftlab", summary="The hosted fine-tuning API on your own machine", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
     install_error_handlers(app)
     for module in (files_api, jobs_api, models_api, inference_api):
-        app.include_router(module.router, prefix="/v1", dependencies=[Depends(require_key)])
+        app.include_router(module.router, prefix="/v1", dependencies=[Depends(text_only_json)])
     app.include_router(ui.router)
     app.add_middleware(BodyLimit, max_bytes=server.cfg.server.max_request_kb * 1024,
                        max_upload_bytes=server.cfg.server.max_upload_mb * 1024 * 1024)
+    app.add_middleware(Guard, api_key=server.api_key, allowed_hosts=server.cfg.server.allowed_hosts,
+                       public=ui.is_page)  # added last: runs first, before any body is read
     return app
 
 
@@ -160,22 +156,38 @@ def serve_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
     """`ftlab serve`: run the API on `server.host:server.port` until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    server = Server.from_config(cfg, overrides)
+    host, port = cfg.server.host, cfg.server.port
     try:
-        check_bind_address(cfg.server.host, server.api_key)
+        check_bind_address(host, configured_key(cfg))
+        allowed_host_names(cfg.server.allowed_hosts)
     except ValueError as error:
         print(f"ftlab serve: {error}")
         return 2
+    try:
+        sock = listen(host, port)
+    except PortUnavailable as error:
+        print(f"ftlab serve: {error}", flush=True)
+        return 1
+    try:
+        server = Server.from_config(cfg, overrides, address_of(host, port))
+    except RootInUse as error:
+        sock.close()
+        print(f"ftlab serve: {error}", flush=True)
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"ftlab serve: API http://{cfg.server.host}:{cfg.server.port}/v1, dashboard "
-          f"http://{cfg.server.host}:{cfg.server.port}/  (jobs_root {server.root}; "
+    url = f"http://{address_of(host, port)}"
+    print(f"ftlab serve: API {url}/v1, dashboard {url}/  (jobs_root {server.root}; "
           f"{'API key required' if server.api_key else 'no API key: loopback only'})", flush=True)
     # uvicorn stops gracefully on SIGTERM or Ctrl-C, then re-raises the signal to the handler it found
     # there: a no-op one lets `ftlab serve` end with exit code 0 after that clean stop.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda *_: None)
-    uvicorn.run(create_app(server), host=cfg.server.host, port=cfg.server.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level="info",
+                                       timeout_graceful_shutdown=5))
+    uv.run(sockets=[sock])
+    if not uv.started:
+        print("ftlab serve: the server did not start (the log above says why)", flush=True)
+        return 1
     print("ftlab serve: stopped; running jobs keep training and the next `ftlab serve` follows them", flush=True)
     return 0
 
@@ -186,7 +198,6 @@ def background_server(overrides: list[str], api_key: Optional[str] = None, timeo
 
     For tests, benchmarks and notebooks; ready (GET /v1/models answers) when the block starts.
     """
-    import socket
     import threading
     import time
 
@@ -203,12 +214,15 @@ def background_server(overrides: list[str], api_key: Optional[str] = None, timeo
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    server = Server.from_config(cfg, tuple(overrides))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    try:
+        server = Server.from_config(cfg, tuple(overrides), address_of("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, name="ftlab-serve", daemon=True)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="ftlab-serve", daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -227,3 +241,5 @@ def background_server(overrides: list[str], api_key: Optional[str] = None, timeo
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+        sock.close()
+        server.lock.release()  # stop() released it, unless the app never started

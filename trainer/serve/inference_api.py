@@ -21,10 +21,10 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.responses import StreamingResponse
 
 from trainer.serve.errors import APIError, not_found
@@ -83,14 +83,15 @@ class ChatRequest(_Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict[str, Any]]] = Field(None, max_length=128)  # [{"type": "function", "function": {...}}]
-    tool_choice: Union[str, dict[str, Any], None] = None  # none | auto | required | {"type": "function", ...}
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None  # or {"type": "function", ...}
     parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[dict[str, Any]]] = Field(None, max_length=128)  # legacy
-    function_call: Union[str, dict[str, Any], None] = None  # legacy: none | auto | {"name": ...}
+    function_call: Union[Literal["none", "auto"], dict[str, Any], None] = None  # legacy; or {"name": ...}
 
 
 class CompletionRequest(_Sampled):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # a string, strings, token ids, or lists of token ids: `_prompts` checks that one request keeps to one kind
+    prompt: Union[StrictStr, list[Union[StrictStr, StrictInt, list[StrictInt]]]]
 
 
 # ---- shared ----------------------------------------------------------------------------------
@@ -184,17 +185,35 @@ def _messages(body: ChatRequest) -> list[dict]:
     return messages
 
 
+PROMPT_KINDS = {str: "strings", int: "token ids", list: "token-id lists"}
+
+
 def _prompts(body: CompletionRequest, target) -> list[list[int]]:
+    """The request's prompts as token ids. A prompt is a string, a list of strings, a list of token ids or a
+    list of token-id lists (one kind per request); none may be empty, every id must be in the vocabulary."""
     prompt = body.prompt
-    if isinstance(prompt, str):
-        return [target.encode_prompt(prompt)]
-    if not prompt:
-        raise APIError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    if all(isinstance(p, str) for p in prompt):
-        return [target.encode_prompt(p) for p in prompt]
-    return [list(p) for p in prompt]
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        prompts, named = [prompt], lambda index: "prompt"
+    else:
+        prompts, named = prompt, lambda index: f"prompt[{index}]"
+    kinds = {type(p) for p in prompts}
+    if not prompts or len(kinds) > 1:
+        got = "an empty list" if not prompts else "a list mixing " + " and ".join(sorted(PROMPT_KINDS[k] for k in kinds))
+        raise APIError(400, f"prompt: send a string, a list of strings, a list of token ids or a list of token-id "
+                       f"lists; got {got}", param="prompt", code="invalid_value")
+    vocabulary = len(target.tokenizer)
+    encoded = []
+    for index, text_or_ids in enumerate(prompts):
+        ids = target.encode_prompt(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        if not ids:
+            raise APIError(400, f"{named(index)}: the prompt is empty (no tokens)", param="prompt",
+                           code="invalid_value")
+        outside = next((token for token in ids if not 0 <= token < vocabulary), None)
+        if outside is not None:
+            raise APIError(400, f"{named(index)}: token id {outside} is outside this model's vocabulary "
+                           f"(0 to {vocabulary - 1})", param="prompt", code="invalid_value")
+        encoded.append(ids)
+    return encoded
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -1,5 +1,6 @@
 """`/ui/api/...`: what the pages need beyond `/v1`, read from the same records (the index, the run
-directories) and made by the same library functions; behind the same key check as the API.
+directories) and made by the same library functions; behind the same key check as the API
+(`trainer.serve.auth.Guard`, the app's middleware).
 
     GET /ui/api/jobs?status=&after=&limit=      jobs (fine_tuning.job objects) filtered by status, paged as the API
     GET /ui/api/jobs/{id}                       the job with its request, validation.json, estimate.json and progress
@@ -20,14 +21,13 @@ import zipfile
 from pathlib import Path
 from typing import Literal, Optional
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from trainer.serve.app import require_key
 from trainer.serve.errors import APIError, not_found
 from trainer.serve.ui import reports
 
-router = APIRouter(prefix="/ui/api", dependencies=[Depends(require_key)], include_in_schema=False)
+router = APIRouter(prefix="/ui/api", include_in_schema=False)
 Status = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
 

@@ -39,6 +39,11 @@ def asset_version() -> str:
         return "dev"
 
 
+def is_page(path: str) -> bool:
+    """Whether a path is one of the dashboard's pages or assets, which hold no data and are served without the key."""
+    return any(route.path_regex.fullmatch(path) for route in router.routes)
+
+
 def render(page: str, title: str) -> HTMLResponse:
     nav = "\n".join(f'<li><a href="{href}"{" aria-current=page" if name == page else ""}>{label}</a></li>'
                     for name, href, label in NAV)
@@ -76,8 +81,12 @@ def files_page():
 @router.get("/static/{path:path}")
 def static(path: str):
     """A file of the dashboard's assets (never anything outside `static/`)."""
-    target = (STATIC / path).resolve()
-    if not target.is_relative_to(STATIC) or not target.is_file():
+    try:
+        target = (STATIC / path).resolve()
+        found = target.is_relative_to(STATIC) and target.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        found = False
+    if not found:
         raise APIError(404, f"No such asset: /static/{path}", code="not_found")
     return FileResponse(target, media_type=MEDIA_TYPES.get(target.suffix, "application/octet-stream"),
                         headers=SECURITY_HEADERS)
