@@ -9,11 +9,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from trainer.cli import CONFIG_DIR  # noqa: E402
-from trainer.schema import register_configs  # noqa: E402
+from trainer.compose import compose  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,14 +26,8 @@ def make_cfg(cache_dir):
     """Compose conf/config.yaml with overrides, on the tiny Llama, CPU, no logger, a couple of steps."""
 
     def make(*overrides: str):
-        register_configs()
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(
-                config_name="config",
-                overrides=["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32", f"cache_dir={cache_dir}",
-                           *overrides],
-            )
+        return compose(["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32",
+                        f"cache_dir={cache_dir}", *overrides])
 
     return make
 

@@ -18,7 +18,7 @@ from trainer.inference import (
     stream_reply,
     training_prompt_suffix,
 )
-from trainer.cli import CONFIG_DIR
+from trainer.compose import CONFIG_DIR
 from trainer.data.tokenize import IGNORE_INDEX, encode_chat
 from trainer.schema import register_configs
 from trainer.train import run_training

@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import CONFIG_DIR
+from trainer.compose import CONFIG_DIR
 from trainer.schema import register_configs
 
 GROUPS = sorted(path.name for path in Path(CONFIG_DIR).iterdir() if path.is_dir())  # every folder is a group

@@ -5,7 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from trainer.cli import CONFIG_DIR
+from trainer.compose import CONFIG_DIR
 from trainer.schema import register_configs
 from trainer.train import run_training
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import chat_example, kill_after_checkpoint, write_jsonl
-from trainer.cli import CONFIG_DIR
+from trainer.compose import CONFIG_DIR
 from trainer.schema import register_configs
 
 DEVICE = os.environ.get("FTLAB_GPU_TEST_DEVICE", "cuda")

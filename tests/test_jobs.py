@@ -94,8 +94,10 @@ def test_events_newest_first_with_ids_and_paging(store):
 
 def test_checkpoints_carry_metrics_and_resolve_by_name(store):
     job = scan_jobs(str(store))[0]
-    for step in (2, 4):
+    for epoch, step in enumerate((2, 4, 5), 1):  # epoch checkpoints at 2 and 4; a resume checkpoint at 5
         (job.run_dir / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
+        if step != 5:
+            (job.run_dir / "checkpoints" / f"step-{step:06d}" / "epoch.json").write_text(json.dumps({"epoch": epoch}))
     (job.run_dir / "results.csv").write_text("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
                                              "2,1.5,0.5,,\n4,1.0,0.6,1.2,0.55\n")
     checkpoints = list_checkpoints(job)
@@ -107,8 +109,9 @@ def test_checkpoints_carry_metrics_and_resolve_by_name(store):
     assert name == f"{job.record['fine_tuned_model']}:ckpt-step-2"
     resolved = resolve_job(name, str(store))
     assert resolved.adapter_dir == job.run_dir / "checkpoints" / "step-000002" / "adapter"
-    with pytest.raises(JobNotFound, match="checkpoint not kept"):
-        resolve_job(f"{job.record['fine_tuned_model']}:ckpt-step-3", str(store))
+    for unlisted in (3, 5):  # none there; a resume checkpoint is no published model
+        with pytest.raises(JobNotFound, match="checkpoint not kept"):
+            resolve_job(f"{job.record['fine_tuned_model']}:ckpt-step-{unlisted}", str(store))
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

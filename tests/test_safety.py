@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from trainer.cli import CONFIG_DIR
+from trainer.compose import CONFIG_DIR
 
 FTLAB = str(Path(sys.executable).with_name("ftlab"))
 SECRETS = {"WANDB_API_KEY": "wandb-secret-0451", "HF_TOKEN": "hf_secret_0452", "OPENAI_API_KEY": "sk-secret-0453",

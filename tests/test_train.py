@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import write_jsonl
+from trainer.jobs import JobRef, list_checkpoints
 from trainer.run import RESULT_COLUMNS
 from trainer.train import FineTuningJob, run_training
 
@@ -44,13 +45,33 @@ def test_a_run_leaves_a_complete_job_record(make_cfg, chat_files, tmp_path):
     assert list(rows[0].keys()) == RESULT_COLUMNS
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert rows[-1]["valid_loss"] and rows[-1]["valid_mean_token_accuracy"]  # evaluated at the last step
-    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-000002"]
+    # a resume checkpoint every train.checkpoint_every steps; the epoch's own checkpoint is the one published
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+    assert [c["step_number"] for c in list_checkpoints(JobRef(job, run_dir, run_dir / "adapter"))] == [3]
+    estimate = json.loads((run_dir / "estimate.json").read_text())
+    assert job["trained_tokens"] == estimate["billed_tokens"] and job["backbone_tokens"] > 0  # billed, as hosted
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert {"level", "message", "type", "data"} <= events[0].keys()
     assert sum(e["type"] == "metrics" for e in events) == 3
     assert not list(run_dir.glob(".*tmp*")), "temp files left behind"
     env = json.loads((run_dir / "env.json").read_text())
     assert env["seed"] == 42 and env["packages"]["torch"] and env["data"]["training_file"]["sha256"]
+
+
+def test_epoch_checkpoints_keep_the_last_three_epochs_and_a_cut_job_bills_what_it_trained(make_cfg, chat_files,
+                                                                                          tmp_path):
+    def published(run_dir):
+        return [c["step_number"] for c in list_checkpoints(JobRef({"id": "ftjob-x"}, run_dir, run_dir / "adapter"))]
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_training(train_cfg(make_cfg, chat_files, "train.n_epochs=4", "train.checkpoint_every=1000"), full) == 0
+    assert published(full) == [12, 9, 6]  # 3 steps an epoch: the checkpoints of the last three epochs, newest first
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-000006", "step-000009", "step-000012"]
+    billed = json.loads((full / "estimate.json").read_text())["billed_tokens"]
+    assert json.loads((full / "job.json").read_text())["trained_tokens"] == billed
+    assert run_training(train_cfg(make_cfg, chat_files, "train.n_epochs=4", "train.max_steps=5"), cut) == 0
+    assert published(cut) == [5, 3]  # the last step ends the (partial) second epoch
+    assert json.loads((cut / "job.json").read_text())["trained_tokens"] == round(billed * 5 / 12)
 
 
 def test_training_moves_every_adapter_weight_and_no_base_weight(make_cfg, chat_files, tmp_path):

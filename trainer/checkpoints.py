@@ -1,9 +1,15 @@
 """Checkpoints: `checkpoints/step-N/` holds what resuming needs — the adapter (PEFT format) and
 `trainer_state.pt` (optimizer and scheduler states, RNG states, the loop's position and counters).
 
+Two kinds, one format. An epoch checkpoint, written at the end of each epoch (and at a job's last
+step), carries `epoch.json`: these are the job's published checkpoints, as the hosted service
+makes them, and those of the last `EPOCHS_KEPT` epochs are kept. A resume checkpoint, written
+every `train.checkpoint_every` steps and when a job is paused or cancelled, is only how a job
+continues; the newest `train.keep_checkpoints` are kept. Resuming reads either kind, newest first,
+and the caller skips any checkpoint that does not read back whole.
+
 A checkpoint is staged in a hidden folder and renamed into place, so a killed run never leaves a
-half-written one under its final name; the newest `keep` are kept. Reading goes newest first and
-the caller skips any checkpoint that does not read back whole.
+half-written one under its final name.
 """
 import random
 import shutil
@@ -12,8 +18,12 @@ from pathlib import Path
 
 import torch
 
+from trainer.files import write_json
+
 STATE_FILE = "trainer_state.pt"
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
+EPOCH_FILE = "epoch.json"  # marks an epoch checkpoint: {"epoch": N}
+EPOCHS_KEPT = 3  # the hosted service keeps the checkpoints of the last three epochs
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -28,21 +38,48 @@ def stage_adapter(folder: Path, model) -> Path:
     return staging
 
 
-def commit(staging: Path, target: Path, loop_state: dict, optimizer, scheduler, keep: int) -> Path:
-    """Add the trainer state to `staging`, rename it to `target`, and drop all but the newest `keep`."""
+def commit(staging: Path, target: Path, loop_state: dict, optimizer, scheduler, keep: int,
+           epoch: int | None = None) -> Path:
+    """Add the trainer state (and with `epoch`, the epoch mark) to `staging`, rename it to `target`, and prune."""
     torch.save({**loop_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "python_rng": random.getstate()}, staging / STATE_FILE)
+    if epoch is not None:
+        write_json(staging / EPOCH_FILE, {"epoch": epoch})
     staging.rename(target)
-    for old in sorted(target.parent.glob("step-*"))[: -keep or None]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(target.parent, keep)
     return target
 
 
+def mark_epoch(checkpoint: Path, epoch: int, keep: int) -> Path:
+    """Make an existing checkpoint (written by the same step) the checkpoint of `epoch`, and prune."""
+    write_json(checkpoint / EPOCH_FILE, {"epoch": epoch})
+    prune(checkpoint.parent, keep)
+    return checkpoint
+
+
+def is_epoch_checkpoint(checkpoint: Path) -> bool:
+    return (checkpoint / EPOCH_FILE).is_file()
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Keep the epoch checkpoints of the last `EPOCHS_KEPT` epochs and the newest `keep` resume checkpoints."""
+    kept = newest_first(folder)
+    epochs = [path for path in kept if is_epoch_checkpoint(path)]
+    resume = [path for path in kept if not is_epoch_checkpoint(path)]
+    for old in epochs[EPOCHS_KEPT:] + resume[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def newest_first(folder: Path) -> list[Path]:
-    """The checkpoints in `folder`, newest first."""
+    """The checkpoints in `folder` (both kinds), newest first."""
     return sorted(Path(folder).glob("step-*"), reverse=True)
+
+
+def published(folder: Path) -> list[Path]:
+    """The epoch checkpoints in `folder`, newest first: what a job lists and names `…:ckpt-step-N`."""
+    return [path for path in newest_first(folder) if is_epoch_checkpoint(path)]
 
 
 def read(checkpoint: Path) -> tuple[dict, dict]:

@@ -14,9 +14,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from trainer.compose import CONFIG_DIR, quote_value
 from trainer.schema import register_configs
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _exit_codes: list[int] = []
 
 
@@ -42,9 +42,10 @@ def train(cfg: DictConfig) -> int:
 
         return run_training(cfg, job.run_dir, resume=True)
     _import_only_what_the_job_uses(cfg)
+    from trainer.request import with_request
     from trainer.train import run_training  # after the line above: it imports transformers' modeling code
 
-    return run_training(cfg, _run_dir())
+    return run_training(with_request(cfg), _run_dir())
 
 
 def _import_only_what_the_job_uses(cfg: DictConfig) -> None:
@@ -146,16 +147,6 @@ NO_HYDRA = {"jobs"}  # plain argument parsing, no config composition
 USE_VERBS = {"chat", "complete", "eval", "export"}  # results go to the job's run dir, so no run dir of their own
 NO_RUN_DIR = USE_VERBS | {"serve"}  # write nothing of Hydra's own (the server's jobs have their run dirs)
 FREE_TEXT_KEYS = ("prompt=", "system=", "job=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra
-
-
-def quote_value(value: str) -> str:
-    """`value` as a Hydra quoted string, unless the user already quoted it."""
-    import re
-
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value
-    escaped = re.sub(r"(\\+)(?='|$)", lambda match: match.group(1) * 2, value)
-    return "'" + escaped.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def _use_verb_args(args: list[str]) -> list[str]:

@@ -11,15 +11,19 @@ MIN_TARGET_EXAMPLES = 100
 MAX_TARGET_EXAMPLES = 25_000
 MIN_DEFAULT_EPOCHS = 1
 MAX_DEFAULT_EPOCHS = 25
+# What the hosted API takes for a supervised job (its client types): the API refuses anything else.
+MAX_EPOCHS = 50
+MAX_BATCH_SIZE = 256
+MAX_LEARNING_RATE_MULTIPLIER = 10.0  # the hosted API says only "> 0"; 10x the tuned rate already diverges
 
 
 def _positive(value, key: str, kind):
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = None
-    if number is None or number <= 0 or (kind is int and float(value) != number):
-        raise ValueError(f"{key}={value!r} is not valid: use auto or a positive {kind.__name__}")
+    if number is None or not math.isfinite(number) or number <= 0 or (kind is int and float(value) != number):
+        raise ValueError(f"{key}={value!r} is not valid: use auto or a positive, finite {kind.__name__}")
     return number
 
 
@@ -47,9 +51,9 @@ def resolve_n_epochs(requested, n_examples: int) -> int:
         n_epochs = int(value)
     except (TypeError, ValueError):
         n_epochs = None
-    if n_epochs is None or not 1 <= n_epochs <= 50:
+    if n_epochs is None or not 1 <= n_epochs <= MAX_EPOCHS:
         raise ValueError(
-            f"train.n_epochs={requested!r} is not valid — use `auto` or a whole number from 1 to 50 "
+            f"train.n_epochs={requested!r} is not valid — use `auto` or a whole number from 1 to {MAX_EPOCHS} "
             f"(e.g. train.n_epochs=3)"
         )
     return n_epochs

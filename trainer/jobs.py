@@ -123,10 +123,11 @@ def resolve_job(reference: str, root: Optional[str] = None, *, paths: bool = Tru
         raise JobNotFound(f"job={reference}: no such job {where}; `ftlab jobs list` shows the jobs there")
     job = _unique(matches, reference)
     if checkpoint_step is not None:
-        from trainer.checkpoints import checkpoint_path
+        from trainer.checkpoints import checkpoint_path, is_epoch_checkpoint
 
-        adapter = checkpoint_path(job.run_dir / "checkpoints", checkpoint_step) / "adapter"
-        if not adapter.is_dir():
+        folder = checkpoint_path(job.run_dir / "checkpoints", checkpoint_step)
+        adapter = folder / "adapter"
+        if not adapter.is_dir() or not is_epoch_checkpoint(folder):  # only the published (epoch) checkpoints
             kept = ", ".join(c["fine_tuned_model_checkpoint"] for c in list_checkpoints(job)) or "none"
             raise JobNotFound(f"job={reference}: checkpoint not kept; kept checkpoints: {kept}")
         job = JobRef(job.record, job.run_dir, adapter, checkpoint_step)
@@ -173,6 +174,12 @@ def load_job_config(job: JobRef, command_cfg=None, overrides: tuple[str, ...] = 
         raise JobNotFound(f"{path}: the job's composed config is missing, so its backbone and chat template "
                           "cannot be known; was this run dir made by `ftlab train`?")
     cfg = OmegaConf.merge(OmegaConf.structured(FtlabConfig), upgrade_recorded_config(OmegaConf.load(path)))
+    if cfg.get("request"):  # a job ftlab serve created: its request record, from wherever the run dir is now
+        from trainer.compose import literal
+        from trainer.request import REQUEST_FILE, with_request
+
+        cfg.request = literal(str(job.run_dir / REQUEST_FILE))
+        cfg = with_request(cfg)
     if command_cfg is not None:
         for key in COMMAND_KEYS:
             if key in command_cfg:
@@ -220,16 +227,16 @@ def list_events(job: JobRef, limit: int = DEFAULT_LIMIT, after: Optional[str] = 
 
 
 def list_checkpoints(job: JobRef) -> list[dict]:
-    """GET /fine_tuning/jobs/{id}/checkpoints: the kept `checkpoints/step-N/`, newest first, with metrics."""
-    folder = job.run_dir / "checkpoints"
+    """GET /fine_tuning/jobs/{id}/checkpoints: the kept epoch checkpoints (those of the last three epochs), newest
+    first, with metrics; a job's resume checkpoints are not listed."""
+    from trainer.checkpoints import published
+
     metrics = {}
     if (job.run_dir / "results.csv").is_file():
         with open(job.run_dir / "results.csv", newline="") as handle:
             metrics = {int(row["step"]): row for row in csv.DictReader(handle) if row.get("step")}
     checkpoints = []
-    from trainer.checkpoints import newest_first
-
-    for path in newest_first(folder):
+    for path in published(job.run_dir / "checkpoints"):
         if not (path / "adapter").is_dir() or not path.name[5:].isdigit():
             continue
         step = int(path.name[5:])

@@ -14,8 +14,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from trainer.files import sha256_of, write_atomic, write_json
+from trainer.files import atomic_writer, sha256_of, write_atomic, write_json
 
+# set (to "1") in the environment of a job process whose launcher hands it the run dir's lock (RunLock.hand_to)
+HANDED_LOCK_ENV = "FTLAB_RUN_LOCK_HANDED"
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -223,7 +225,17 @@ class RunDirLocked(RuntimeError):
 
 
 class RunLock:
-    """`<run_dir>/.lock`: the pid of the process training there. A lock whose pid is dead is stale and cleared."""
+    """`<run_dir>/.lock`: the process training there ({pid, host, started, pid_start}). A lock whose process is
+    gone is stale and cleared.
+
+    A process `ftlab serve` launches does not take the lock itself: the server hands it over (`hand_to`)
+    as soon as the process exists, and the process waits for it (`acquire(handed=True)`). So there is
+    no moment when a job's process runs without the lock naming it: a server killed right after a
+    launch leaves either a lock the next server adopts, or a process that never gets the lock and
+    ends without touching the run dir, while the next server launches the job again.
+    """
+
+    HANDOVER_SECONDS = 60  # how long a launched process waits for its server to hand it the lock
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
@@ -232,32 +244,68 @@ class RunLock:
         """The live lock holder ({pid, host, started}), or None when unlocked or stale."""
         try:
             holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            pid = int(holder.get("pid", -1))
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
-        if holder.get("host") != platform.node() or _pid_alive(int(holder.get("pid", -1))):
+        if holder.get("host") != platform.node():
+            return holder  # another machine's process (a shared jobs root): cannot be checked from here
+        if _pid_alive(pid) and holder.get("pid_start") in (None, _process_start(pid)):  # not a reused pid
             return holder
         return None
 
-    def acquire(self) -> None:
-        """Take the lock or raise RunDirLocked naming the holder; clear a stale lock first."""
+    def acquire(self, handed: bool = False) -> None:
+        """Take the lock for this process, or raise RunDirLocked naming the holder; a stale lock is cleared.
+        `handed`: wait for the server that launched this process to hand the lock over instead."""
+        if handed:
+            return self._wait_for_handover()
+        if not self._create(os.getpid()):
+            raise RunDirLocked(self._refusal(self.holder()))
+
+    def hand_to(self, pid: int) -> None:
+        """Take the lock on behalf of process `pid` (one this process just started); RunDirLocked if it is held."""
+        if not self._create(pid):
+            raise RunDirLocked(self._refusal(self.holder()))
+
+    def _create(self, pid: int) -> bool:
+        """Write the lock naming `pid` if it is free (clearing a stale one); whether it now names `pid`.
+        The record is written whole before it appears under its name (link fails if the name exists)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        record = {"pid": pid, "host": platform.node(), "started": time.time(), "pid_start": _process_start(pid)}
+        for _ in range(3):
+            with atomic_writer(self.path.with_name(f".lock.{pid}.new")) as handle:
+                json.dump(record, handle)
+            staged = self.path.with_name(f".lock.{pid}.new")
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.link(staged, self.path)
+                return True
             except FileExistsError:
                 holder = self.holder()
                 if holder:
-                    raise RunDirLocked(
-                        f"{self.path.parent} is in use by pid {holder['pid']} on {holder['host']} (started "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}); "
-                        f"wait for it, cancel it with `ftlab jobs cancel <job id>`, or use another hydra.run.dir"
-                    ) from None
+                    return holder.get("pid") == pid and holder.get("host") == platform.node()
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"pid": os.getpid(), "host": platform.node(), "started": time.time()}, handle)
-            return
-        raise RunDirLocked(f"could not lock {self.path.parent}")
+            finally:
+                staged.unlink(missing_ok=True)
+        return False
+
+    def _wait_for_handover(self) -> None:
+        deadline = time.time() + self.HANDOVER_SECONDS
+        while True:
+            holder = self.holder()
+            if holder and holder.get("pid") == os.getpid() and holder.get("host") == platform.node():
+                return
+            if holder:
+                raise RunDirLocked(self._refusal(holder))
+            if time.time() > deadline:
+                raise RunDirLocked(f"{self.path.parent}: the server that launched this process did not hand it the "
+                                   f"run dir's lock within {self.HANDOVER_SECONDS} s; the next server launches the job")
+            time.sleep(0.05)
+
+    def _refusal(self, holder: dict | None) -> str:
+        if not holder:
+            return f"could not lock {self.path.parent}"
+        return (f"{self.path.parent} is in use by pid {holder['pid']} on {holder['host']} (started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}); "
+                f"wait for it, cancel it with `ftlab jobs cancel <job id>`, or use another hydra.run.dir")
 
     def release(self) -> None:
         try:
@@ -265,6 +313,16 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc), to tell it from a later process given
+    the same pid; None where /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:

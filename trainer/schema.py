@@ -196,6 +196,7 @@ class FtlabConfig:
     moderation: Any = None  # a _target_ node: the content screen run by validate
     init_adapter: Optional[str] = None  # train: start from this adapter folder instead of a fresh LoRA (the API's model=ft:…)
     resume: Optional[str] = None  # train: a run dir or job id to continue from its newest complete checkpoint
+    request: Optional[str] = None  # train: a job's request record (request.json, written by ftlab serve), taken as data
     org: str = "personal"  # the <org> part of ft:<model>:<org>:<suffix>:<id>
     suffix: Optional[str] = None  # the <suffix> part: up to 64 letters, digits, '-', '_', '.'
     cache_dir: str = "~/.cache/ftlab"  # converted backbones, tokenized data

@@ -5,6 +5,7 @@ every part from config, `train` runs the loop, `cleanup` closes the record. `run
 at the bottom is what `ftlab train` calls.
 """
 import math
+import os
 import random
 import shutil
 import signal
@@ -60,8 +61,10 @@ from trainer.model import (
 )
 from trainer.paths import cache_dir
 from trainer.preflight import data_files
+from trainer.request import logger_options
 from trainer.plots import plot_losses
 from trainer.run import (
+    HANDED_LOCK_ENV,
     EventLog,
     Job,
     ResultsTable,
@@ -170,8 +173,13 @@ class FineTuningJob:
         if self.group.enabled:
             self.events.add(f"Training on {self.group.world_size} process(es) with {cfg.train.distributed.value}: "
                             f"{type(self.train_model).__name__}", data={"world_size": self.group.world_size})
-        self.logger = instantiate(cfg.logger if self.group.is_main else {"_target_": "trainer.loggers.NullLogger"}, run_dir=self.run_dir, name=self.job.id, _recursive_=False, _convert_="all",
-                                  run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        # Built as a partial and called with plain arguments: instantiate would merge keyword arguments into
+        # a config and resolve them, and the run config and the request's wandb names are data, not config.
+        logger = instantiate(cfg.logger if self.group.is_main else {"_target_": "trainer.loggers.NullLogger"},
+                             _partial_=True, _recursive_=False, _convert_="all")
+        self.logger = logger(run_dir=self.run_dir, name=self.job.id,
+                             run_config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                             **(logger_options(cfg) if self.group.is_main else {}))
 
     def _preflight(self, files: dict) -> tuple[dict, Path, Path | None]:
         """Validate, screen and price the files; the files to train on (moderation may have dropped lines)."""
@@ -182,7 +190,8 @@ class FineTuningJob:
             preflight = run_preflight(self.cfg, self.run_dir, self.console, files)
         except PreflightError as error:
             raise JobFailed(error.code, error.message) from None
-        self.events.add("Files validated, estimate ready", data=preflight.estimate)
+        shown = {key: value for key, value in preflight.estimate.items() if key != "training_file"}  # no server path
+        self.events.add("Files validated, estimate ready", data=shown)
         return preflight.estimate, preflight.train_file, preflight.validation_file
 
     def _setup_data(self) -> None:
@@ -297,6 +306,10 @@ class FineTuningJob:
                         progress.console.print(self._progress_line(row, speed, elapsed))
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
+                if self.step:  # the epoch ended, or the job's last step (train.max_steps) ends it here
+                    self.save_checkpoint(epoch=epoch + 1)
+                if self.step >= self.total_steps:
+                    break
         self.wall_seconds = time.perf_counter() - started
 
     def _progress_line(self, row: dict, speed: dict, elapsed: float) -> str:
@@ -368,19 +381,31 @@ class FineTuningJob:
                 "valid_mean_token_accuracy": round(correct / max(supervised, 1), 6)}
 
     # ---- checkpoints -------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step-N/` (adapter, optimizer, scheduler, RNG states, data position); keep the newest
-        `train.keep_checkpoints`."""
+    def save_checkpoint(self, epoch: int | None = None) -> Path:
+        """Write `checkpoints/step-N/` (adapter, optimizer, scheduler, RNG states, data position): with `epoch`, the
+        checkpoint the epoch ends with (the last three epochs' are kept), else a resume checkpoint (the newest
+        `train.keep_checkpoints` are kept)."""
         target = checkpoints.checkpoint_path(self.checkpoints_dir, self.step)
+        keep = self.cfg.train.keep_checkpoints
         with full_parameters(self.train_model):
-            if not self.group.is_main or target.exists():
+            if not self.group.is_main:
+                return target
+            if target.exists():  # this step's resume checkpoint is also the epoch's
+                if epoch is not None and not checkpoints.is_epoch_checkpoint(target):
+                    checkpoints.mark_epoch(target, epoch, keep)
+                    self._checkpoint_event(target, epoch)
                 return target
             staging = checkpoints.stage_adapter(self.checkpoints_dir, self.model)
         loop_state = {"step": self.step, "position": self.position, "tokens_seen": self.tokens_seen,
                       "nonfinite_total": self.nonfinite_total}
-        checkpoints.commit(staging, target, loop_state, self.optimizer, self.scheduler, self.cfg.train.keep_checkpoints)
-        self.events.add(f"Checkpoint saved at step {self.step}", data={"path": str(target), "step": self.step})
+        checkpoints.commit(staging, target, loop_state, self.optimizer, self.scheduler, keep, epoch=epoch)
+        self._checkpoint_event(target, epoch)
         return target
+
+    def _checkpoint_event(self, target: Path, epoch: int | None) -> None:
+        name = f"{self.checkpoints_dir.name}/{target.name}"  # run-dir-relative: no place on the server's disk
+        self.events.add(f"Checkpoint saved at step {self.step}" + (f" (end of epoch {epoch})" if epoch else ""),
+                        data={"path": name, "step": self.step} | ({"epoch": epoch} if epoch else {}))
 
     def _restore_checkpoint(self) -> None:
         """Load the newest checkpoint that reads back whole; skip broken ones with a warning."""
@@ -446,12 +471,20 @@ class FineTuningJob:
         self.save_adapter()
         plot_losses(self.results.rows, self.run_dir / "loss.png", title=f"{self.job.id} · {self.cfg.backbone.name}")
         name = fine_tuned_model_name(self.cfg.model.name, self.cfg.org, self.cfg.suffix, self.job.id)
-        self.job.finish("succeeded", fine_tuned_model=name, trained_tokens=self.tokens_seen,
-                        result_files=["results.csv", "adapter", "loss.png"])
+        tokens = {"trained_tokens": self.billed_tokens(), "backbone_tokens": self.tokens_seen}
+        self.job.finish("succeeded", fine_tuned_model=name, result_files=["results.csv", "adapter", "loss.png"],
+                        **tokens)
         self.events.add(f"New fine-tuned model created: {name}")
         self.events.add(f"The job has successfully completed: {name}",
-                        data={"wall_seconds": round(self.wall_seconds, 2), "trained_tokens": self.tokens_seen,
+                        data={"wall_seconds": round(self.wall_seconds, 2), **tokens,
                               "nonfinite_steps_skipped": self.nonfinite_total})
+
+    def billed_tokens(self) -> int:
+        """The hosted service's `trained_tokens`: estimate.json's billed tokens (cl100k, capped per example, times
+        the epochs), for the share of the scheduled steps this job trained (all of them unless `train.max_steps`
+        stopped it early, or non-finite steps were skipped)."""
+        scheduled = self.steps_per_epoch * self.hyperparameters["n_epochs"]
+        return round(self.estimate["billed_tokens"] * min(1.0, self.step / max(scheduled, 1)))
 
 
 OUT_OF_MEMORY_HELP = (
@@ -477,7 +510,7 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
     lock = RunLock(record_dir)
     previous_handler = signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
-        lock.acquire()
+        lock.acquire(handed=group.is_main and os.environ.get(HANDED_LOCK_ENV) == "1")
     except Exception as error:  # noqa: BLE001 - the lock holder's job is left untouched
         code = getattr(error, "code", "locked")
         console.print(f"[red]refused[/] {escape(f'[{code}] {error}')}")
