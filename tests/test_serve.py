@@ -90,7 +90,7 @@ def test_upload_create_follow_and_read_the_result_file(tmp_path, job_overrides, 
         assert {"step", "train_loss", "train_mean_token_accuracy"} <= set(metrics[0].data)
 
         checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id, limit=1))  # auto-paged, one a page
-        assert [c.step_number for c in checkpoints] == [4, 2]
+        assert [c.step_number for c in checkpoints] == [4, 3]  # each epoch's (3 steps), the last one cut at max_steps
         assert checkpoints[0].id.startswith("ftckpt_")
         assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
         assert checkpoints[0].metrics.train_loss == pytest.approx(float(rows[4][1]))
@@ -149,7 +149,7 @@ def test_client_errors_map_to_the_clients_exceptions(tmp_path, job_overrides, tr
         assert suffix.value.body["code"] == "invalid_suffix"
         with pytest.raises(openai.BadRequestError) as epochs:
             client.fine_tuning.jobs.create(model="gpt-3.5-turbo", training_file=file_id, hyperparameters={"n_epochs": 0})
-        assert epochs.value.body["code"] == "invalid_hyperparameter"
+        assert epochs.value.body["param"] == "hyperparameters.n_epochs"
         with pytest.raises(openai.BadRequestError):
             client.fine_tuning.jobs.create(model="gpt-4-unknown", training_file=file_id)
         with pytest.raises(openai.BadRequestError):
@@ -343,7 +343,10 @@ def test_continue_from_an_ft_model_with_a_wandb_integration(tmp_path, job_overri
         assert child.status == "succeeded", child.error
         assert child.fine_tuned_model.startswith("ft:gpt-3.5-turbo:personal::")
         assert child.hyperparameters.learning_rate_multiplier == 0.5
-    config = (tmp_path / "root" / "jobs" / child.id / ".hydra" / "config.yaml").read_text()
-    assert f"init_adapter: {tmp_path / 'root' / 'jobs' / parent.id / 'adapter'}" in config
-    assert "project: support-bot" in config and "run_name: round-2" in config and "- v2" in config
-    assert list((tmp_path / "root" / "jobs" / child.id / "wandb").glob("offline-run-*"))
+    run_dir = tmp_path / "root" / "jobs" / child.id
+    request = json.loads((run_dir / "request.json").read_text())  # what the client asked, as data
+    assert request["init_adapter"] == str(tmp_path / "root" / "jobs" / parent.id / "adapter")
+    assert request["wandb"] == integration["wandb"] and request["hyperparameters"]["learning_rate_multiplier"] == 0.5
+    assert "request: " in (run_dir / ".hydra" / "config.yaml").read_text()
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert b"support-bot" in b"".join(path.read_bytes() for path in wandb_run.rglob("*") if path.is_file())

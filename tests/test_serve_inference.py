@@ -21,7 +21,8 @@ PROMPT = "Ticket 99: charged twice\n\n###\n\n"
 
 
 def _train(cache_dir: str, run_dir: Path, rows: list, *overrides: str) -> str:
-    """A 4-step job (checkpoints at 2 and 4) with a high learning rate, so adapters answer differently."""
+    """A 4-step job (its epochs' checkpoints at 3 and 4, a resume checkpoint at 2) with a high learning rate, so
+    adapters answer differently."""
     from tests.test_chat import compose_cfg
     from trainer.train import run_training
 
@@ -86,7 +87,7 @@ def test_chat_on_a_family_an_ft_model_and_a_checkpoint(served):
 
     client, server, names = served
     answers = {}
-    for model in ["gpt-3.5-turbo", names["a"], f"{names['a']}:ckpt-step-4", f"{names['a']}:ckpt-step-2", names["b"]]:
+    for model in ["gpt-3.5-turbo", names["a"], f"{names['a']}:ckpt-step-4", f"{names['a']}:ckpt-step-3", names["b"]]:
         reply = chat(client, model)
         assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == model
         choice = reply.choices[0]
@@ -173,7 +174,7 @@ def test_errors_are_the_hosted_ones(served):
     with pytest.raises(openai.NotFoundError) as error:
         chat(client, "ft:gpt-3.5-turbo:personal::nosuchjob")
     assert error.value.body["code"] == "model_not_found" and error.value.body["param"] == "model"
-    for model in ["gpt-4o", names["a"] + ":ckpt-step-3", "latest"]:
+    for model in ["gpt-4o", names["a"] + ":ckpt-step-2", "latest"]:  # step 2: a resume checkpoint, not a model
         with pytest.raises(openai.NotFoundError):
             chat(client, model)
     with pytest.raises(openai.BadRequestError, match="v1/completions"):
@@ -201,7 +202,7 @@ def test_errors_are_the_hosted_ones(served):
 def test_concurrent_requests_each_get_their_own_model(served):
     client, _, names = served
     calls = [("chat", names["a"], False), ("chat", names["b"], True), ("chat", "gpt-3.5-turbo", False),
-             ("complete", names["c"], True), ("chat", f"{names['a']}:ckpt-step-2", True), ("complete", "babbage-002", False)]
+             ("complete", names["c"], True), ("chat", f"{names['a']}:ckpt-step-3", True), ("complete", "babbage-002", False)]
 
     def run(call):
         kind, model, stream = call
@@ -233,7 +234,7 @@ def test_a_client_leaving_mid_stream_frees_the_model(served):
 
 def test_lru_eviction_and_removed_models(jobs, cache_dir, served):
     reference_client, _, names = served
-    models = [names["a"], names["b"], f"{names['a']}:ckpt-step-2", names["a"], "gpt-3.5-turbo", names["b"]]
+    models = [names["a"], names["b"], f"{names['a']}:ckpt-step-3", names["a"], "gpt-3.5-turbo", names["b"]]
     expected = [chat(reference_client, model).choices[0].message.content for model in models]
     root, _ = jobs
     copy = root.parent / "root-lru"  # a second server needs a root of its own (one server per jobs root)

@@ -203,17 +203,11 @@ def background_server(overrides: list[str], api_key: Optional[str] = None, timeo
 
     import httpx
     import uvicorn
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
-    from trainer.cli import CONFIG_DIR
-    from trainer.schema import register_configs
+    from trainer.compose import compose
 
     overrides = [*overrides] + ([f"server.api_key={api_key}"] if api_key else [])
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
     try:

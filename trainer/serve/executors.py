@@ -7,6 +7,8 @@
 
 Both return a handle with `done()` and `returncode`; cancelling and pausing signal the process that
 holds the run directory's lock (`trainer.run.cancel_job`), which checkpoints and records the outcome.
+A local process's handle has its `pid`: the runner hands that process the run dir's lock at once
+(`RunLock.hand_to`), and the process waits for it before it touches the job.
 """
 import os
 import subprocess
@@ -22,7 +24,9 @@ def train_command(args: list[str]) -> list[str]:
 
 def job_environment() -> dict:
     """The environment a job runs in: this one, offline, without the server's API key."""
-    env = {key: value for key, value in os.environ.items() if key != "FTLAB_API_KEY"}
+    from trainer.run import HANDED_LOCK_ENV
+
+    env = {key: value for key, value in os.environ.items() if key not in ("FTLAB_API_KEY", HANDED_LOCK_ENV)}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("WANDB_MODE", "offline")
     return env
@@ -33,6 +37,7 @@ class ProcessHandle:
 
     def __init__(self, process: subprocess.Popen):
         self.process = process
+        self.pid = process.pid
 
     def done(self) -> bool:
         return self.process.poll() is not None
@@ -49,6 +54,8 @@ class ProcessHandle:
 
 class AdoptedHandle:
     """A job process a previous server started and that still holds its run dir's lock."""
+
+    pid = None  # not ours to hand the lock to: it holds it
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -70,10 +77,13 @@ class LocalExecutor:
     """Each job is an `ftlab train` process here; its output goes to `<run dir>/process.log`."""
 
     def start(self, run_dir: Path, args: list[str]) -> ProcessHandle:
-        """Start `ftlab train <args>` for the job in `run_dir`."""
+        """Start `ftlab train <args>` for the job in `run_dir`; it waits for the runner to hand it the run dir's lock."""
+        from trainer.run import HANDED_LOCK_ENV
+
         with open(Path(run_dir) / "process.log", "ab") as log:
             process = subprocess.Popen(train_command(args), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=job_environment(), start_new_session=True)
+                                       stdin=subprocess.DEVNULL, env=job_environment() | {HANDED_LOCK_ENV: "1"},
+                                       start_new_session=True)
         return ProcessHandle(process)
 
 
@@ -85,7 +95,9 @@ def run_train(args: list[str], log_path: str) -> int:
 
 
 class SubmititHandle:
-    """A job submitted through submitit."""
+    """A job submitted through submitit (its process, maybe on another node, takes the run dir's lock itself)."""
+
+    pid = None
 
     def __init__(self, job):
         self.job = job

@@ -183,19 +183,27 @@ def _unfinished(server, job_id: str) -> bool:
     """Whether the job's record is not yet succeeded, failed or cancelled (the index may lag it a moment)."""
     from trainer.run import TERMINAL_STATUSES, Job
 
-    return Job.load(Path(server.index.job(job_id)["run_dir"])).record.get("status") not in TERMINAL_STATUSES
+    try:
+        return Job.load(Path(server.index.job(job_id)["run_dir"])).record.get("status") not in TERMINAL_STATUSES
+    except (OSError, ValueError, TypeError):
+        return True  # no readable record yet: still in use
 
 
 @router.delete("/files/{file_id}")
 def delete_file(request: Request, file_id: str) -> dict:
-    """DELETE /v1/files/{file_id}: refused (409) while an unfinished job trains on it."""
+    """DELETE /v1/files/{file_id}: refused (409) while a job is being created from it or an unfinished job trains
+    on it."""
+    from trainer.serve.store import FileInUse
+
     server = request.app.state.server
     row = get_file(request, file_id)
-    job = server.index.file_in_use(file_id)
-    if job and _unfinished(server, job):
-        raise APIError(409, f"{file_id} is in use by {job}, which has not finished; cancel it or wait",
-                       param="file_id", code="file_in_use")
-    server.index.delete_file(file_id)
+    try:
+        deleted = server.index.delete_file(file_id, unfinished=lambda job_id: _unfinished(server, job_id))
+    except FileInUse as error:
+        raise APIError(409, f"{file_id} is in use by {error.job_id or 'a job being created from it'}, which has not "
+                       "finished; cancel it or wait", param="file_id", code="file_in_use") from None
+    if not deleted:
+        raise not_found("file", file_id, "file_id")  # deleted meanwhile by another request
     if row["purpose"] != "fine-tune-results":  # a results file is part of its job's record and stays there
         Path(row["path"]).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -104,13 +104,8 @@ def _target(request: Request, name: str, chat: bool):
     from trainer.serve.pool import ModelNotFound
 
     server = _server(request)
-    try:
-        removed = server.index.removed_models() if getattr(server, "index", None) is not None else set()
-    except Exception:  # noqa: BLE001 - an index problem must not hide the model
-        log.exception("reading removed models")
-        removed = set()
-    if name in removed:
-        raise not_found("model", name, "model")
+    if getattr(server, "index", None) is not None and server.index.model_removed(name):
+        raise not_found("model", name, "model")  # a deleted ft: model is gone under its checkpoints' names too
     try:
         target = server.models.target(name)
     except ModelNotFound:

@@ -1,38 +1,64 @@
 """`/v1/fine_tuning/jobs`: create, list, retrieve, cancel, pause and resume jobs; their events and checkpoints.
 
 A job created here is an ordinary ftlab run directory (`<jobs_root>/jobs/<ftjob-id>/`), trained by
-`ftlab train` with the serve command's overrides plus the request's (`model=`, `data.train_file=`,
-`train.n_epochs=`, …), so the API and `ftlab jobs …` read one record.
+`ftlab train`, so the API and `ftlab jobs …` read one record. What the client asked for reaches the
+job as data, never as config text: the request is checked field by field, written to
+`<run dir>/request.json` (`trainer.request`), and the job's only overrides are the serve command's
+own, the model family (one of conf/model/), the run dir and the pointer to that record.
 """
 import json
+import logging
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
+from pydantic_core import PydanticCustomError
+from typing_extensions import Annotated
 
-from trainer.cli import quote_value
+from trainer.compose import quote_value
+from trainer.hyperparams import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LEARNING_RATE_MULTIPLIER, SUFFIX
 from trainer.jobs import DEFAULT_LIMIT, JobNotFound, JobRef, list_checkpoints, list_events, page, resolve_job
+from trainer.request import REQUEST_FILE, JobRequest, job_config, write_request
 from trainer.run import EventLog, Job, new_job_id
 from trainer.serve.errors import APIError, not_found
 from trainer.serve.models_api import families
+from trainer.serve.public import public_value
 
+log = logging.getLogger("ftlab.serve")
 router = APIRouter()
 Auto = Literal["auto"]
 # the request decides these; the serve command's own overrides of them are not passed on
 JOB_KEYS = ("model=", "data=", "data.", "suffix=", "train.n_epochs=", "train.batch_size=",
-            "train.learning_rate_multiplier=", "train.seed=", "init_adapter=", "logger.project=", "logger.run_name=",
-            "logger.tags=")
+            "train.learning_rate_multiplier=", "train.seed=", "init_adapter=", "request=", "resume=")
 METRIC_NAMES = {"train_accuracy": "train_mean_token_accuracy"}  # results.csv's column → the API's metric name
 
 
+def _auto_or(kind, what: str, **bounds):
+    """`auto` or a `kind` within `bounds` (pydantic's own checks, strict: no "3", no true, no NaN or Infinity),
+    refused as one error on the field itself rather than one per branch of the union."""
+    def one_error(value, handler):
+        try:
+            return handler(value)
+        except ValidationError as error:
+            detail = next((e["msg"] for e in error.errors() if e["type"] != "literal_error"), "Invalid value")
+            raise PydanticCustomError("invalid_hyperparameter", "{detail}; use 'auto' or {what}",
+                                      {"detail": detail, "what": what}) from None
+
+    return Annotated[Union[Auto, Annotated[kind, Field(strict=True, **bounds)]], WrapValidator(one_error)]
+
+
 class Hyperparameters(BaseModel):
+    """A supervised job's hyperparameters, in the hosted API's ranges."""
+
     model_config = ConfigDict(extra="forbid")
-    n_epochs: Union[Auto, int] = "auto"
-    batch_size: Union[Auto, int] = "auto"
-    learning_rate_multiplier: Union[Auto, float] = "auto"
+    n_epochs: _auto_or(int, f"a whole number from 1 to {MAX_EPOCHS}", ge=1, le=MAX_EPOCHS) = "auto"
+    batch_size: _auto_or(int, f"a whole number from 1 to {MAX_BATCH_SIZE}", ge=1, le=MAX_BATCH_SIZE) = "auto"
+    learning_rate_multiplier: _auto_or(float, f"a number above 0 and at most {MAX_LEARNING_RATE_MULTIPLIER:g}", gt=0,
+                                       le=MAX_LEARNING_RATE_MULTIPLIER, allow_inf_nan=False) = "auto"
 
 
 class Supervised(BaseModel):
@@ -44,11 +70,22 @@ class Method(BaseModel):
     supervised: Optional[Supervised] = None
 
 
+Text = Annotated[str, Field(max_length=128)]
+WANDB_FORBIDDEN = "/\\#?%:"  # wandb refuses these in a project name: the job would fail as it starts
+
+
 class Wandb(BaseModel):
-    project: str = Field(max_length=128)
-    name: Optional[str] = Field(None, max_length=128)
-    entity: Optional[str] = Field(None, max_length=128)
-    tags: Optional[list[str]] = Field(None, max_length=32)
+    project: Text
+    name: Optional[Text] = None
+    entity: Optional[Text] = None
+    tags: Optional[list[Annotated[str, Field(max_length=64)]]] = Field(None, max_length=32)
+
+    @field_validator("project", "entity")
+    @classmethod
+    def _wandb_name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not value or any(ch in value for ch in WANDB_FORBIDDEN)):
+            raise ValueError(f"a wandb project or entity cannot be empty or contain any of {' '.join(WANDB_FORBIDDEN)}")
+        return value
 
 
 class Integration(BaseModel):
@@ -63,9 +100,10 @@ class CreateJob(BaseModel):
     validation_file: Optional[str] = Field(None, max_length=64)
     hyperparameters: Optional[Hyperparameters] = None
     method: Optional[Method] = None
-    suffix: Optional[str] = Field(None, max_length=64)
-    seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
-    metadata: Optional[dict[str, str]] = Field(None, max_length=16)
+    suffix: Optional[str] = None  # checked as raw text first thing (invalid_suffix)
+    seed: Optional[int] = Field(None, ge=0, le=2**31 - 1, strict=True)
+    metadata: Optional[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]] = \
+        Field(None, max_length=16)
     integrations: Optional[list[Integration]] = Field(None, max_length=4)
 
 
@@ -74,95 +112,121 @@ def family_of(model: str) -> str:
     return model.split(":")[1] if model.startswith("ft:") else model
 
 
-def _training_file(server, file_id: Optional[str], param: str) -> Optional[Path]:
+def check_suffix(suffix: Optional[str]) -> None:
+    """400 `invalid_suffix` unless the raw suffix is up to 64 letters, digits, '-', '_' or '.' (it becomes part
+    of the model name); the message never repeats what was sent."""
+    if suffix is not None and not SUFFIX.fullmatch(suffix):
+        raise APIError(400, "Invalid suffix: use up to 64 letters, digits, '-', '_' or '.' (it becomes part of the "
+                       "model name ft:<model>:<org>:<suffix>:<id>)", param="suffix", code="invalid_suffix")
+
+
+def base_overrides(server, family: str) -> list[str]:
+    """The overrides of every job on `family`: the serve command's own (less what a request decides), then the
+    family, checked against conf/model/."""
+    if family not in families():
+        raise APIError(400, f"{family!r} is not a model family of this server; choose one of {', '.join(families())}",
+                       param="model", code="model_not_available")
+    kept = [o for o in server.job_overrides if not o.lstrip("+~").startswith(JOB_KEYS)]
+    return [*kept, f"model={family}", "data=custom"]
+
+
+def _parent(server, model: str) -> tuple[str, Optional[str]]:
+    """The family a create request trains and the adapter it starts from (an ft: model's, or none)."""
+    if not model.startswith("ft:"):
+        if model not in families():
+            raise APIError(400, f"model={model!r} cannot be fine-tuned here; choose one of {', '.join(families())} "
+                           "or an ft: model to continue from", param="model", code="model_not_available")
+        return model, None
+    if server.index.model_removed(model):
+        raise not_found("model", model, "model")
+    try:
+        parent = resolve_job(model, str(server.root), paths=False)
+    except JobNotFound:
+        raise not_found("model", model, "model") from None
+    if not (parent.adapter_dir / "adapter_config.json").is_file():
+        raise APIError(400, f"{model} has no adapter to continue from (status {parent.record.get('status')})",
+                       param="model", code="invalid_model")
+    return family_of(parent.record["model"]), str(parent.adapter_dir)
+
+
+def _file_path(rows: dict, file_id: Optional[str], param: str) -> Optional[str]:
     if file_id is None:
         return None
-    row = server.index.file(file_id)
-    if row is None or row["purpose"] != "fine-tune":
+    row = rows.get(file_id)
+    if row is None or row["purpose"] != "fine-tune" or not Path(row["path"]).is_file():
         raise APIError(400, f"invalid {param}: {file_id} is not an uploaded fine-tune file on this server "
                        "(client.files.create(file=…, purpose='fine-tune') first)", param=param,
                        code=f"invalid_{param}")
-    return Path(row["path"])
-
-
-def job_overrides(server, body: CreateJob, family: str, hyperparameters: Hyperparameters,
-                  init_adapter: Optional[Path], train_path: Path, valid_path: Optional[Path]) -> list[str]:
-    """The `ftlab train` overrides of a job: the serve command's, then what the request decides."""
-    args = [o for o in server.job_overrides if not o.lstrip("+~").startswith(JOB_KEYS)]
-    args += [f"model={family}", "data=custom", f"data.train_file={quote_value(str(train_path))}"]
-    if valid_path is not None:
-        args.append(f"data.validation_file={quote_value(str(valid_path))}")
-    for key, value in hyperparameters.model_dump().items():
-        args.append(f"train.{key}={value}")
-    if body.suffix is not None:
-        args.append(f"suffix={quote_value(body.suffix)}")
-    if body.seed is not None:
-        args.append(f"train.seed={body.seed}")
-    if init_adapter is not None:
-        args.append(f"init_adapter={quote_value(str(init_adapter))}")
-    wandb = next((i.wandb for i in body.integrations or [] if i.type == "wandb"), None)
-    if wandb is not None and "WandbLogger" in str((server.cfg.get("logger") or {}).get("_target_", "")):
-        args.append(f"logger.project={quote_value(wandb.project)}")
-        if wandb.name:
-            args.append(f"logger.run_name={quote_value(wandb.name)}")
-        if wandb.tags:
-            args.append("logger.tags=[" + ",".join(quote_value(tag) for tag in wandb.tags) + "]")
-    return args
+    return row["path"]
 
 
 @router.post("/fine_tuning/jobs")
 def create_job(request: Request, body: CreateJob) -> dict:
-    """POST /v1/fine_tuning/jobs: the job is recorded at once (validating_files); its files are checked next."""
+    """POST /v1/fine_tuning/jobs: the job is recorded at once (validating_files); its files are checked next.
+
+    Nothing is left behind by a refused request: the run dir appears only once the job is certain, and
+    its files cannot be deleted from the moment they are looked up until the job's row holds them."""
     from trainer.hyperparams import SettingsError, check_job_settings
-    from trainer.serve.runner import compose_job_config
 
     server = request.app.state.server
+    check_suffix(body.suffix)
     hyperparameters = body.hyperparameters or Hyperparameters()
     if body.method is not None and body.method.supervised and body.method.supervised.hyperparameters:
         hyperparameters = body.method.supervised.hyperparameters
-    family, init_adapter = body.model, None
-    if body.model.startswith("ft:"):
+    family, init_adapter = _parent(server, body.model)
+    overrides = base_overrides(server, family)
+    wandb = next((i.wandb for i in body.integrations or [] if i.type == "wandb"), None)
+    with server.index.files_for_new_job([body.training_file, body.validation_file]) as rows:
+        job_request = JobRequest(
+            training_file=_file_path(rows, body.training_file, "training_file"),
+            validation_file=_file_path(rows, body.validation_file, "validation_file"),
+            training_file_id=body.training_file, validation_file_id=body.validation_file, model=body.model,
+            suffix=body.suffix, seed=body.seed, hyperparameters=hyperparameters.model_dump(),
+            init_adapter=init_adapter, wandb=wandb.model_dump(exclude_none=True) if wandb else None,
+            metadata=body.metadata or {})
         try:
-            parent = resolve_job(body.model, str(server.root), paths=False)
-        except JobNotFound:
-            raise not_found("model", body.model, "model") from None
-        if not (parent.adapter_dir / "adapter_config.json").is_file():
-            raise APIError(400, f"{body.model} has no adapter to continue from (status "
-                           f"{parent.record.get('status')})", param="model", code="invalid_model")
-        family, init_adapter = family_of(parent.record["model"]), parent.adapter_dir
-    elif body.model not in families():
-        raise APIError(400, f"model={body.model!r} cannot be fine-tuned here; choose one of {', '.join(families())} "
-                       "or an ft: model to continue from", param="model", code="model_not_available")
-    train_path = _training_file(server, body.training_file, "training_file")
-    valid_path = _training_file(server, body.validation_file, "validation_file")
-    overrides = job_overrides(server, body, family, hyperparameters, init_adapter, train_path, valid_path)
-    try:
-        cfg = compose_job_config(overrides)
-        check_job_settings(cfg)
-    except SettingsError as error:
-        param = "suffix" if error.code == "invalid_suffix" else "hyperparameters"
-        raise APIError(400, str(error), param=param, code=error.code) from None
-    except Exception as error:  # noqa: BLE001 - an override Hydra refuses is a bad request
-        raise APIError(400, f"invalid job settings: {error}", code="invalid_request") from None
-    job_id = new_job_id()
-    run_dir = server.root / "jobs" / job_id
+            cfg = job_config(overrides, job_request)
+            check_job_settings(cfg)
+        except SettingsError as error:
+            param = "suffix" if error.code == "invalid_suffix" else "hyperparameters"
+            raise APIError(400, str(error), param=param, code=error.code) from None
+        except Exception:  # noqa: BLE001 - no client text reaches the config, so this is the serve command's own
+            log.exception("composing a job's config")
+            raise APIError(500, "The server could not compose this job's config from its own settings (the server "
+                           "log has the details)", code="internal_error") from None
+        job_id = new_job_id()
+        run_dir = server.root / "jobs" / job_id
+        try:
+            row = _record_job(server, body, job_id, run_dir, job_request, cfg,
+                              [*overrides, f"request={quote_value(str(run_dir / REQUEST_FILE))}"])
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a job half made is no job
+            raise
+    server.runner.wake()
+    return job_object(server, row)
+
+
+def _record_job(server, body: CreateJob, job_id: str, run_dir: Path, job_request: JobRequest, cfg,
+                overrides: list[str]) -> dict:
+    """The job's run dir (request.json, job.json, its first event), then its row in the index; the row's."""
     run_dir.mkdir(parents=True)
-    method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters.model_dump()}}
-    job = Job.create(run_dir, model=body.model, org=cfg.org, suffix=cfg.suffix, training_file=train_path,
-                     validation_file=valid_path, backbone=cfg.backbone.name, seed=cfg.train.seed, job_id=job_id,
-                     metadata=body.metadata or {}, method=method, user_provided_suffix=body.suffix,
+    write_request(run_dir, job_request)
+    method = {"type": "supervised", "supervised": {"hyperparameters": job_request.hyperparameters}}
+    valid_path = Path(job_request.validation_file) if job_request.validation_file else None
+    job = Job.create(run_dir, model=body.model, org=cfg.org, suffix=body.suffix,
+                     training_file=Path(job_request.training_file), validation_file=valid_path,
+                     backbone=cfg.backbone.name, seed=cfg.train.seed, job_id=job_id, metadata=body.metadata or {},
+                     method=method, user_provided_suffix=body.suffix,
                      integrations=[i.model_dump(exclude_none=True) for i in body.integrations or []])
     job.record["training_file"]["id"] = body.training_file
     if job.record["validation_file"]:
         job.record["validation_file"]["id"] = body.validation_file
     job.save()
     EventLog(run_dir / "events.jsonl").add(f"Created fine-tuning job: {job_id}")
-    row = server.index.add_job(job_id=job_id, created_at=job.record["created_at"], run_dir=run_dir,
-                               request=body.model_dump(exclude_none=True) | {"overrides": overrides},
-                               metadata=body.metadata or {}, training_file=body.training_file,
-                               validation_file=body.validation_file)
-    server.runner.wake()
-    return job_object(server, row)
+    return server.index.add_job(job_id=job_id, created_at=job.record["created_at"], run_dir=run_dir,
+                                request=body.model_dump(exclude_none=True) | {"overrides": overrides},
+                                metadata=body.metadata or {}, training_file=body.training_file,
+                                validation_file=body.validation_file)
 
 
 def job_row(server, job_id: str) -> dict:
@@ -223,7 +287,7 @@ def job_object(server, row: dict) -> dict:
         "object": "fine_tuning.job",
         "id": row["id"],
         "created_at": record["created_at"],
-        "error": record.get("error"),
+        "error": public_value(record.get("error"), server.root, run_dir),
         "fine_tuned_model": record.get("fine_tuned_model"),
         "finished_at": record.get("finished_at"),
         "hyperparameters": hyperparameters,
@@ -310,9 +374,12 @@ def list_job_events(request: Request, job_id: str, after: Optional[str] = None,
                     limit: int = Query(DEFAULT_LIMIT, ge=1, le=1000)) -> dict:
     """GET …/events: newest first, paged by `after` (an event id, exclusive) and `limit`."""
     server = request.app.state.server
-    listing = list_events(job_ref(job_row(server, job_id)), limit=10**9)["data"]
-    data = [event | {"created_at": int(event.get("created_at") or 0),
-                     "data": _metrics(event.get("data") or {}) if event.get("type") == "metrics" else event.get("data")}
+    ref = job_ref(job_row(server, job_id))
+    listing = list_events(ref, limit=10**9)["data"]
+    data = [public_value(event, server.root, ref.run_dir)
+            | {"created_at": int(event.get("created_at") or 0),
+               "data": _metrics(event.get("data") or {}) if event.get("type") == "metrics"
+               else public_value(event.get("data"), server.root, ref.run_dir)}
             for event in listing]
     try:
         return page(data, limit, after)

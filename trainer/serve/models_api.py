@@ -3,7 +3,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from trainer.cli import CONFIG_DIR
+from trainer.compose import CONFIG_DIR
 from trainer.serve.errors import APIError, not_found
 
 router = APIRouter()

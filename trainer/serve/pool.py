@@ -73,7 +73,7 @@ class _Backbone:
 
 
 def _family_configs() -> dict[str, DictConfig]:
-    from trainer.cli import CONFIG_DIR
+    from trainer.compose import CONFIG_DIR
 
     return {path.stem: OmegaConf.load(path) for path in sorted((Path(CONFIG_DIR) / "model").glob("*.yaml"))}
 
@@ -190,11 +190,13 @@ class ModelPool:
         return self._contexts[key] or None
 
     def forget(self, name: str) -> None:
-        """A model taken out of service: drop its name, and unload its adapter at the next turn."""
+        """A model taken out of service: drop its name and its checkpoints' names, and unload their adapters at
+        the next turn."""
         with self._meta:
-            target = self._targets.pop(name, None)
-            if target is not None and target.adapter_key is not None:
-                self._forgotten.add(target.adapter_key)
+            for known in [known for known in self._targets if known == name or known.startswith(f"{name}:ckpt-step-")]:
+                target = self._targets.pop(known)
+                if target.adapter_key is not None:
+                    self._forgotten.add(target.adapter_key)
 
     # ---- weights -----------------------------------------------------------------------------
     @contextmanager

@@ -20,30 +20,14 @@ from typing import Optional
 
 from rich.console import Console
 
-from trainer.cli import quote_value
-from trainer.run import TERMINAL_STATUSES, EventLog, Job, RunLock, cancel_job
+from trainer.compose import quote_value
+from trainer.request import job_config, read_request
+from trainer.run import TERMINAL_STATUSES, EventLog, Job, RunDirLocked, RunLock, cancel_job
 from trainer.serve.executors import AdoptedHandle, LocalExecutor
 
 log = logging.getLogger("ftlab.serve")
 HOSTED_MIN_EXAMPLES = 10
 POLL_SECONDS = 0.5
-_compose_lock = threading.Lock()
-
-
-def compose_job_config(overrides: list[str]):
-    """The config `ftlab train <overrides>` would compose (Hydra's compose API; one caller at a time)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from trainer.cli import CONFIG_DIR
-    from trainer.schema import register_configs
-
-    with _compose_lock:
-        register_configs()
-        if GlobalHydra.instance().is_initialized():
-            return compose(config_name="config", overrides=list(overrides))
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
 
 
 def format_error_message(report, file_id: str, limit: int = 5) -> str:
@@ -122,7 +106,7 @@ class JobRunner:
 
         run_dir = Path(row["run_dir"])
         events = EventLog(run_dir / "events.jsonl")
-        cfg = compose_job_config(row["request"]["overrides"])
+        cfg = job_config(row["request"]["overrides"], read_request(run_dir))
         events.add(f"Validating training file: {row['training_file']}"
                    + (f" and validation file: {row['validation_file']}" if row["validation_file"] else ""))
         files = data_files(cfg)
@@ -175,14 +159,28 @@ class JobRunner:
                 self._launch(row)
 
     def _launch(self, row: dict) -> None:
+        """Start the job's process, or adopt the one already training it (a server that died mid-launch)."""
         run_dir = Path(row["run_dir"])
+        if RunLock(run_dir).holder():
+            self.handles[row["id"]] = AdoptedHandle(run_dir)
+            self.server.index.move_job(row["id"], ("queued",), "running")
+            log.info("adopted %s (launched by the last server, which stopped before recording it)", row["id"])
+            return
         job = Job.load(run_dir)
-        fresh = not (run_dir / ".hydra" / "config.yaml").is_file()  # no process has composed its config yet
+        # never trained (no process got as far as env.json): start it; else continue from its checkpoint
+        fresh = job.record.get("status") == "queued" and not (run_dir / "env.json").is_file()
         args = (list(row["request"]["overrides"]) + [f"hydra.run.dir={quote_value(str(run_dir))}"] if fresh
                 else [f"resume={run_dir}"])  # taken verbatim by `ftlab train`, not parsed by Hydra
         if not fresh:
             job.update(status="queued")  # until the process marks it running
-        self.handles[row["id"]] = self.executor.start(run_dir, args)
+        handle = self.executor.start(run_dir, args)
+        if handle.pid is not None:
+            try:
+                RunLock(run_dir).hand_to(handle.pid)  # before anything else: the job is never unlocked while it runs
+            except RunDirLocked:
+                handle.terminate()  # someone else took the run dir meanwhile; this process never touched it
+                raise
+        self.handles[row["id"]] = handle
         self.server.index.move_job(row["id"], ("queued",), "running")
         log.info("started %s (%s)", row["id"], "new" if fresh else "resumed")
 
@@ -212,7 +210,7 @@ class JobRunner:
             index.move_job(row["id"], ("running",), "queued", restarts=row["restarts"] + 1)
         else:
             self._fail(row, "job_process_died", f"The job's process ended unexpectedly {row['restarts'] + 1} times "
-                       f"(last exit code {returncode}); see {run_dir / 'process.log'}")
+                       f"(last exit code {returncode}); its output is in process.log in the job's run directory")
         self.wake()
 
     def publish_results(self, job_id: str) -> list[str]:

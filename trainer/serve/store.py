@@ -9,8 +9,10 @@ import json
 import sqlite3
 import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -48,6 +50,14 @@ CREATE TABLE IF NOT EXISTS removed_models (
 """
 
 
+class FileInUse(Exception):
+    """A file a job uses: one being created from it, or an unfinished one training on it (`job_id`)."""
+
+    def __init__(self, job_id: Optional[str]):
+        super().__init__(job_id or "a job being created")
+        self.job_id = job_id
+
+
 class Index:
     """The SQLite index at `<jobs_root>/ftlab.sqlite`; safe to share between the server's threads."""
 
@@ -60,6 +70,7 @@ class Index:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._creating: Counter = Counter()  # file id → jobs being created from it (not yet in `jobs`)
 
     def close(self) -> None:
         with self._lock:
@@ -106,14 +117,32 @@ class Index:
         rows = self._all(sql, (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
-    def delete_file(self, file_id: str) -> bool:
-        return self._write("DELETE FROM files WHERE id = ?", (file_id,)) > 0
+    @contextmanager
+    def files_for_new_job(self, file_ids: Iterable[Optional[str]]) -> Iterator[dict[str, dict]]:
+        """The rows of the files a job is being created from (those that exist), kept from deletion until the
+        block ends; by then the job's own row keeps them (`add_job` inside the block)."""
+        with self._lock:
+            rows = {file_id: row for file_id in dict.fromkeys(file_ids) if file_id and (row := self.file(file_id))}
+            self._creating.update(rows.keys())
+        try:
+            yield rows
+        finally:
+            with self._lock:
+                self._creating.subtract(rows.keys())
+                self._creating += Counter()  # drop the zeros
 
-    def file_in_use(self, file_id: str) -> Optional[str]:
-        """The id of an unfinished job training on the file, if any."""
-        row = self._one("SELECT id FROM jobs WHERE state != 'done' AND (training_file = ? OR validation_file = ?)",
-                        (file_id, file_id))
-        return row["id"] if row else None
+    def delete_file(self, file_id: str, unfinished: Callable[[str], bool] = lambda job_id: True) -> bool:
+        """Delete the file's row, unless a job uses it (raises FileInUse): one being created from it, or one the
+        index has not marked done and `unfinished(job_id)` confirms has not finished. Whether a row went."""
+        with self._lock:
+            if self._creating[file_id]:
+                raise FileInUse(None)
+            users = self._all("SELECT id FROM jobs WHERE state != 'done' AND (training_file = ? OR validation_file = ?)",
+                              (file_id, file_id))
+            user = next((row["id"] for row in users if unfinished(row["id"])), None)
+            if user is not None:
+                raise FileInUse(user)
+            return self._write("DELETE FROM files WHERE id = ?", (file_id,)) > 0
 
     # ---- jobs ----------------------------------------------------------------------------
     def add_job(self, *, job_id: str, created_at: int, run_dir: Path, request: dict, metadata: dict,
@@ -175,6 +204,11 @@ class Index:
 
     def removed_models(self) -> set[str]:
         return {row["name"] for row in self._all("SELECT name FROM removed_models")}
+
+    def model_removed(self, name: str) -> bool:
+        """Whether `name` is a deleted ft: model, or one of its checkpoints (`…:ckpt-step-N`)."""
+        base = name.rpartition(":ckpt-step-")[0] if ":ckpt-step-" in name else name
+        return self._one("SELECT 1 AS removed FROM removed_models WHERE name IN (?, ?)", (name, base)) is not None
 
 
 def _decode(row: Optional[dict]) -> Optional[dict]:

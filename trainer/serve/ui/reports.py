@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from trainer.cli import CONFIG_DIR, quote_value
+from trainer.compose import CONFIG_DIR
 from trainer.files import write_json
 
 # one report made at a time: run_validate draws its histogram with pyplot, which is not thread-safe
@@ -46,16 +46,14 @@ def guess_family(path: Path) -> str:
 
 def file_config(server, family: str, train_path: Path, validation_path: Optional[Path] = None,
                 n_epochs: str = "auto"):
-    """The config of a job on these files: the serve command's overrides, then model, data and epochs."""
-    from trainer.serve.jobs_api import JOB_KEYS
-    from trainer.serve.runner import compose_job_config
+    """The config of a job on these files, made as a job's is: the server's overrides for `family`, then the
+    files and epochs as a request record's data."""
+    from trainer.request import JobRequest, job_config
+    from trainer.serve.jobs_api import base_overrides
 
-    args = [o for o in server.job_overrides if not o.lstrip("+~").startswith(JOB_KEYS)]
-    args += [f"model={family}", "data=custom", f"data.train_file={quote_value(str(train_path))}",
-             f"train.n_epochs={n_epochs}"]
-    if validation_path is not None:
-        args.append(f"data.validation_file={quote_value(str(validation_path))}")
-    return compose_job_config(args)
+    request = JobRequest(training_file=str(train_path), validation_file=str(validation_path) if validation_path else None,
+                         hyperparameters={"n_epochs": "auto" if n_epochs == "auto" else int(n_epochs)})
+    return job_config(base_overrides(server, family), request)
 
 
 def report_dir(server, file_id: str) -> Path:
