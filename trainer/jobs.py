@@ -320,7 +320,7 @@ def _print_show(job: JobRef) -> None:
         ("id", record["id"]), ("status", record.get("status")), ("model", record.get("model")),
         ("backbone", record.get("backbone")), ("fine_tuned_model", record.get("fine_tuned_model")),
         ("hyperparameters", ", ".join(f"{k}={v}" for k, v in hp.items()) or "-"),
-        ("trained_tokens", record.get("trained_tokens")),
+        ("trained_tokens", record.get("trained_tokens")), ("backbone_tokens", record.get("backbone_tokens")),
         ("training_file", (record.get("training_file") or {}).get("path")),
         ("validation_file", (record.get("validation_file") or {}).get("path")),
         ("created_at", _when(record.get("created_at"))), ("finished_at", _when(record.get("finished_at"))),
