@@ -8,7 +8,7 @@ import torch
 from trainer.backbones import tiny_llama
 from trainer.call_constraint import CallConstraint, call_head, uses_call_wrapper
 from trainer.data.tools import CALL_OPEN, call_text, parse_tool_calls
-from trainer.inference import Sampling, sample_steps
+from trainer.engine import Engine, Request, Sampling
 
 NAMES = ["get_weather", "get_local_time", "convert_currency"]
 
@@ -52,26 +52,30 @@ class ScriptedModel(torch.nn.Module):
         super().__init__()
         self.script, self.vocab = script, vocab
         self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=4096)
 
-    def forward(self, input_ids, use_cache=True, cache=None, logits_to_keep=None):
-        step = 0 if cache is None else cache
-        logits = -torch.arange(self.vocab, dtype=torch.float32).repeat(input_ids.shape[0], 1, 1) / self.vocab
+    def forward(self, input_ids, position_ids, attention_mask=None, use_cache=True, cache=None, logits_to_keep=None):
+        step = int(position_ids[0, -1])  # the prompt is one token: position 0 predicts the reply's first token
+        logits = -torch.arange(self.vocab, dtype=torch.float32).repeat(input_ids.shape[0], input_ids.shape[1], 1)
         if step < len(self.script):
             logits[:, -1, self.script[step]] = 10.0
-        return SimpleNamespace(logits=logits, cache=step + 1)
+        return SimpleNamespace(logits=logits / self.vocab)
 
 
 def test_generation_keeps_an_invented_function_out(tokenizer):
     reply = CALL_OPEN + '{"name": "boil_water", "arguments": {"city": "Porto"}}</tool_call>'
-    model = ScriptedModel(tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id], len(tokenizer))
+    engine = Engine(ScriptedModel(tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id],
+                                  len(tokenizer)))
     sampling = Sampling(max_new_tokens=100, temperature=0.0)
-    free = [s[0] for s in sample_steps(model, [1], sampling, [tokenizer.eos_token_id]) if s[0] is not None]
-    assert [c["function"]["name"] for c in parse_tool_calls(tokenizer.decode(free))[1]] == ["boil_water"]
-    kept = [s[0] for s in sample_steps(model, [1], sampling, [tokenizer.eos_token_id],
-                                       constraint=CallConstraint(tokenizer, NAMES)) if s[0] is not None]
-    text = tokenizer.decode(kept)
-    assert text.startswith(CALL_OPEN + '{"name": "') and any(text.startswith(CALL_OPEN + '{"name": "' + n + '"')
-                                                             for n in NAMES), text
+    try:
+        (free,) = engine.generate([Request([1], sampling, tokenizer, [tokenizer.eos_token_id])])[0]
+        assert [c["function"]["name"] for c in parse_tool_calls(free.text)[1]] == ["boil_water"]
+        (kept,) = engine.generate([Request([1], sampling, tokenizer, [tokenizer.eos_token_id],
+                                           constraint=CallConstraint(tokenizer, NAMES))])[0]
+    finally:
+        engine.close()
+    assert kept.text.startswith(CALL_OPEN + '{"name": "') and any(
+        kept.text.startswith(CALL_OPEN + '{"name": "' + n + '"') for n in NAMES), kept.text
 
 
 @pytest.mark.parametrize("name", ["get_weather", "météo_du_jour"])

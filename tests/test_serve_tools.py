@@ -1,7 +1,7 @@
 """Function calling through `ftlab serve`: tools and legacy functions in, `tool_calls` / `function_call`
 out, and streamed tool-call deltas that the official client assembles into the same calls.
 
-The model's reply is fixed here (the generator is replaced), so these tests check the API's reading
+The model's reply is fixed here (the engine is replaced), so these tests check the API's reading
 and shaping of calls, not what a tiny random model happens to say."""
 import json
 
@@ -9,7 +9,8 @@ import pytest
 from openai import OpenAI
 
 from tests.live_server import live_server
-from trainer.inference import Delta
+from trainer.engine import Delta, Generation, Request
+from trainer.engine.engine import _END
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -26,14 +27,17 @@ def replies(monkeypatch):
     queue: list[str] = []
     constraints.clear()
 
-    def fake_generate(model, tokenizer, prompt_ids, sampling, stop_token_ids=(), cancelled=None, constraint=None):
+    def fake_submit(pool, target, prompt_ids, sampling, constraint=None, loop=None):
         constraints.append(constraint)
         text = queue.pop(0)
+        generation = Generation(Request(prompt_ids, sampling, target.tokenizer), loop)
         for start in range(0, len(text), 3):
-            yield Delta(0, text[start:start + 3])
-        yield Delta(0, "", "stop", len(text) // 3)
+            generation._emit(Delta(0, text[start:start + 3]))
+        generation._emit(Delta(0, "", "stop", len(text) // 3))
+        generation._emit(_END)
+        return generation
 
-    monkeypatch.setattr("trainer.inference.generate_choices", fake_generate)
+    monkeypatch.setattr("trainer.serve.pool.ModelPool.submit", fake_submit)
     return queue
 
 

@@ -17,7 +17,6 @@ Loading, encoding and generating live in `trainer.inference`; this module is the
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from trainer.call_constraint import CallConstraint
@@ -32,10 +31,6 @@ from trainer.inference import (
 from trainer.data.tools import CALL_OPEN, declared_tools, format_call, parse_tool_calls
 from trainer.jobs import JobNotFound
 from trainer.schema import DataFormat
-
-def _seed(gen: DictConfig) -> None:
-    if gen.seed is not None:
-        torch.manual_seed(int(gen.seed))
 
 
 # ---- function calls ------------------------------------------------------------------------
@@ -127,7 +122,6 @@ def _setup(cfg: DictConfig, overrides, want_chat: bool):
     except JobNotFound as error:
         console.print(f"[red]error[/] {error}", highlight=False)
         return None, console
-    _seed(job_cfg.generation)
     return loaded, console
 
 

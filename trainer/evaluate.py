@@ -32,7 +32,7 @@ from rich.table import Table
 from trainer.inference import (
     encode_chat_prompt,
     encode_completion_prompt,
-    generate_batch,
+    generation_request,
     load_model,
     open_job,
 )
@@ -197,6 +197,42 @@ def loss_and_accuracy(model, dataset, pad_token_id: int, batch_size: int, device
     return {"valid_loss": loss_total / max(supervised, 1), "valid_mean_token_accuracy": correct / max(supervised, 1)}
 
 
+def generate_replies(loaded, runs: dict[str, tuple[list, bool]], tools: list, eval_cfg: DictConfig,
+                     console: Console) -> dict[str, list[str]]:
+    """Greedy replies of every run (name → (prompts, base?)), all submitted to the decoding engine at once,
+    so the base and fine-tuned models' rows share its batches; with a progress bar."""
+    from rich.progress import Progress
+
+    from trainer.engine import Sampling
+
+    sampling = Sampling(max_new_tokens=int(eval_cfg.max_new_tokens), temperature=0.0)
+    engine = loaded.engine(max_batch_size=int(eval_cfg.max_batch_size))
+    started = time.perf_counter()
+    total = sum(len(prompt_list) for prompt_list, _ in runs.values())
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("generating replies", total=total)
+        submitted = {name: [engine.submit(generation_request(loaded, encode(loaded, p, t), sampling, base=base),
+                                          block=True)
+                            for p, t in zip(prompt_list, tools)]
+                     for name, (prompt_list, base) in runs.items()}
+        texts = {}
+        for name, generations in submitted.items():
+            texts[name] = []
+            for generation in generations:
+                texts[name].append(generation.result()[0].text)
+                progress.advance(bar)
+    console.print(f"[dim]{total} replies ({', '.join(LABELS[name] for name in runs)}) in "
+                  f"{time.perf_counter() - started:.1f} s[/]", highlight=False)
+    return texts
+
+
+def encode(loaded, prompt, prompt_tools) -> list[int]:
+    """A prompt's token ids, as training encoded its context."""
+    if loaded.chat:
+        return encode_chat_prompt(loaded.tokenizer, prompt, prompt_tools)
+    return encode_completion_prompt(loaded.tokenizer, prompt)
+
+
 def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
     """Measure base and fine-tuned on `cfg.data.validation_file`; returns the eval.json content."""
     console = console or Console(stderr=True, soft_wrap=True)
@@ -206,9 +242,6 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
     tokenizer, model = loaded.tokenizer, loaded.model
     disabled = model.disable_adapter if hasattr(model, "disable_adapter") else contextlib.nullcontext
 
-    def as_base():
-        return disabled()
-
     dataset = tokenize_examples(examples, tokenizer, chat=chat,
                                 max_length=cfg.train.max_length or cfg.model.context_length)
     chosen = [example for _, example in examples[: eval_cfg.max_examples]]
@@ -217,12 +250,22 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
     tools = [declared_tools(example) if chat else [] for example in chosen]  # each prompt's functions
     instructions = (eval_cfg.instructions or {}).get(task) if task else None
 
-    def encode(prompt, prompt_tools) -> list[int]:
-        return encode_chat_prompt(tokenizer, prompt, prompt_tools) if chat else encode_completion_prompt(tokenizer, prompt)
+    def scores_of(base: bool) -> dict:
+        started = time.perf_counter()
+        with disabled() if base else contextlib.nullcontext():
+            scores = loss_and_accuracy(model, dataset, tokenizer.pad_token_id, eval_cfg.batch_size, loaded.device)
+        console.print(f"[dim]{LABELS[BASE if base else FINE_TUNED]}: validation loss in "
+                      f"{time.perf_counter() - started:.1f} s[/]", highlight=False)
+        return scores
 
-    def replies(prompt_list) -> list[dict]:
-        return generate_batch(loaded, [encode(p, t) for p, t in zip(prompt_list, tools)],
-                              max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size)
+    scores = {BASE: scores_of(base=True), FINE_TUNED: scores_of(base=False)}
+    runs = {BASE: (prompts, True), FINE_TUNED: (prompts, False)}
+    compare = bool(eval_cfg.compare_prompts and instructions)
+    if compare:
+        runs[BASE_LONG_PROMPT] = ([with_instructions(p, instructions, chat) for p in prompts], True)
+        if chat:
+            runs[FINE_TUNED_NO_PROMPT] = ([without_instructions(p, chat) for p in prompts], False)
+    replies = generate_replies(loaded, runs, tools, eval_cfg, console)
 
     from trainer.cost import price_row
     from trainer.data.tokens import get_encoding
@@ -230,29 +273,23 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
     encoding = get_encoding(cfg.model.encoding)
     prices = price_row(cfg)
 
-    def measure(name: str, prompt_list, base: bool, scores: dict | None = None) -> dict:
-        started = time.perf_counter()
-        with as_base() if base else contextlib.nullcontext():
-            if scores is None:
-                scores = loss_and_accuracy(model, dataset, tokenizer.pad_token_id, eval_cfg.batch_size, loaded.device)
-            generated = replies(prompt_list)
-        texts = [g["text"] for g in generated]
+    def measure(name: str, scores: dict) -> dict:
+        prompt_list, base = runs[name]
+        texts = replies[name]
         prompt_tokens = sum(billed_prompt_tokens(p, chat, encoding, t)
                             for p, t in zip(prompt_list, tools)) / max(len(prompt_list), 1)
         output_tokens = sum(len(encoding.encode_ordinary(t)) for t in texts) / max(len(texts), 1)
         in_price = float(prices.base_input if base and prices.base_input is not None else prices.input)
         out_price = float(prices.base_output if base and prices.base_output is not None else prices.output)
-        result = scores | task_metrics(task, texts, references, eval_cfg) | {
+        return scores | task_metrics(task, texts, references, eval_cfg) | {
             "prompt_tokens_per_request": prompt_tokens,
             "output_tokens_per_request": output_tokens,
             "usd_per_1k_requests": prompt_tokens * in_price + output_tokens * out_price,
             "price_per_1k_tokens": {"input": in_price, "output": out_price},
             "replies": texts,
         }
-        console.print(f"[dim]{LABELS[name]}: {len(texts)} replies in {time.perf_counter() - started:.1f} s[/]")
-        return result
 
-    models = {BASE: measure(BASE, prompts, base=True), FINE_TUNED: measure(FINE_TUNED, prompts, base=False)}
+    models = {BASE: measure(BASE, scores[BASE]), FINE_TUNED: measure(FINE_TUNED, scores[FINE_TUNED])}
     report = {
         "object": "ftlab.eval",
         "job": loaded.job.id if loaded.job else None,
@@ -268,14 +305,9 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
         "models": models,
         "references": references,
     }
-    if eval_cfg.compare_prompts and instructions:
-        long_prompts = [with_instructions(p, instructions, chat) for p in prompts]
-        short_prompts = [without_instructions(p, chat) for p in prompts]
-        keep = {k: models[BASE][k] for k in ("valid_loss", "valid_mean_token_accuracy")}
-        base_long = measure(BASE_LONG_PROMPT, long_prompts, base=True, scores=keep)
-        keep = {k: models[FINE_TUNED][k] for k in ("valid_loss", "valid_mean_token_accuracy")}
-        tuned_short = (measure(FINE_TUNED_NO_PROMPT, short_prompts, base=False, scores=keep)
-                       if chat else models[FINE_TUNED])
+    if compare:
+        base_long = measure(BASE_LONG_PROMPT, scores[BASE])
+        tuned_short = measure(FINE_TUNED_NO_PROMPT, scores[FINE_TUNED]) if chat else models[FINE_TUNED]
         saved = base_long["prompt_tokens_per_request"] - tuned_short["prompt_tokens_per_request"]
         report["prompt_comparison"] = {
             "instructions": instructions,
@@ -363,7 +395,10 @@ def evaluate_main(cfg: DictConfig, overrides: tuple[str, ...] = ()) -> int:
         if not job_cfg.data.validation_file:
             raise JobNotFound(f"job {job.id} has no validation file: pass data.validation_file=<file.jsonl>")
         loaded = load_model(job_cfg, job, use_adapter=True, console=Console(stderr=True, soft_wrap=True))
-        report = run_eval(job_cfg, loaded, console)
+        try:
+            report = run_eval(job_cfg, loaded, console)
+        finally:
+            loaded.close()
     except (JobNotFound, DataFileError) as error:
         Console(stderr=True, soft_wrap=True).print(f"[red]error[/] {error}", highlight=False)
         return 2

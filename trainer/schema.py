@@ -148,7 +148,8 @@ class EvalConfig:
 
     max_examples: int = 24  # examples generated per model (loss and accuracy use the whole file); generation is the slow part on CPU
     max_new_tokens: int = 96  # per reply; enough for the bundled samples' answers
-    batch_size: int = 8  # prompts generated together (left padding)
+    batch_size: int = 8  # examples per forward of the validation loss
+    max_batch_size: int = 128  # replies the decoding engine generates together (every model's and prompt style's)
     compare_prompts: bool = True  # also score base + long instructions vs fine-tuned with no system prompt (chat only)
     instructions: Dict[str, str] = field(default_factory=dict)  # the long instruction prompt per data.task, for compare_prompts
     signoff: str = "— The Brightbean crew ☕"  # tone task: the sign-off a reply must end with
@@ -177,6 +178,8 @@ class ServerConfig:
     allowed_hosts: List[str] = field(default_factory=list)
     max_running_jobs: int = 1  # jobs training at once; the rest wait in a FIFO queue
     max_loaded_models: int = 4  # adapters kept loaded on the backbone (least recently used ones are unloaded)
+    max_batch_size: int = 32  # requests' choices decoded together in one batch (more: throughput; fewer: latency)
+    max_queue: int = 256  # requests waiting for a place in the batch; beyond it, 429 with Retry-After
     max_upload_mb: int = 512  # largest file accepted by POST /v1/files
     max_request_kb: int = 1024  # largest JSON request body
     max_job_restarts: int = 3  # a job whose process dies is resumed from its newest checkpoint this many times

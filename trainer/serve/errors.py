@@ -30,8 +30,9 @@ class APIError(StarletteHTTPException):
     as itself rather than as FastAPI's "error parsing the body".
     """
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(status, message)
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def __str__(self) -> str:
@@ -48,9 +49,11 @@ class _ErrorJSON(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    """The JSON response for an error; a 409 tells the client not to retry (retrying cannot fix it)."""
-    headers = {"x-should-retry": "false"} if status == 409 else None
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON response for an error; a 409 tells the client not to retry (retrying cannot fix it), a 429
+    or 503 may say when to (`Retry-After`)."""
+    headers = dict(headers or {}) | ({"x-should-retry": "false"} if status == 409 else {})
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
     return _ErrorJSON(body, status_code=status, headers=headers)
@@ -87,7 +90,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
-        return error_response(error.status, error.message, error.param, error.code)
+        return error_response(error.status, error.message, error.param, error.code, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):

@@ -11,29 +11,32 @@ completion models on /completions.
 
 Sampling follows the hosted API: temperature (default 1; 0 is greedy), top_p, n, seed, stop,
 max_tokens / max_completion_tokens (default: the rest of the context), presence/frequency
-penalties. Usage counts backbone tokens. `stream: true` answers with server-sent events built
-from the same token-level deltas as the plain answer, so both carry the same text.
+penalties, logprobs (chat: `logprobs` + `top_logprobs`; completions: `logprobs: N`). Usage counts
+backbone tokens. Every request is decoded by the backbone's batched engine (`trainer.engine`,
+through `generating.py`) beside every other client's. `stream: true` answers with server-sent
+events built from the same token-level deltas as the plain answer, so both carry the same text.
 Other fields the hosted API knows are accepted and ignored.
 """
-import asyncio
-import json
 import logging
-import threading
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
-from starlette.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from trainer.serve import generating
 from trainer.serve.errors import APIError, not_found
+from trainer.serve.tool_calls import Calling, ReplyStream
 
 log = logging.getLogger("ftlab.serve")
 router = APIRouter()
 
 MAX_N = 8
 MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20  # the hosted chat API's limit
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's
 
 
 # ---- request bodies --------------------------------------------------------------------------
@@ -82,6 +85,8 @@ class _Sampled(_Body):
 class ChatRequest(_Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None  # each output token's log-prob
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and this many alternatives (needs logprobs)
     tools: Optional[list[dict[str, Any]]] = Field(None, max_length=128)  # [{"type": "function", "function": {...}}]
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None  # or {"type": "function", ...}
     parallel_tool_calls: Optional[bool] = None
@@ -90,6 +95,7 @@ class ChatRequest(_Sampled):
 
 
 class CompletionRequest(_Sampled):
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # the legacy API: the top-N alternatives
     # a string, strings, token ids, or lists of token ids: `_prompts` checks that one request keeps to one kind
     prompt: Union[StrictStr, list[Union[StrictStr, StrictInt, list[StrictInt]]]]
 
@@ -128,8 +134,18 @@ def _stop(body: _Sampled) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
+def _logprobs(body: _Sampled) -> tuple[bool, int]:
+    """Whether to report log-probs, and how many alternatives: chat's `logprobs` + `top_logprobs`, or the
+    legacy completions `logprobs: N`."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return bool(body.logprobs), int(body.top_logprobs or 0)
+    return body.logprobs is not None, int(body.logprobs or 0)
+
+
 def _sampling(body: _Sampled, target, prompt_tokens: int, max_tokens: Optional[int], what: str):
-    from trainer.inference import Sampling
+    from trainer.engine import Sampling
 
     context = target.context_length
     if prompt_tokens >= context:
@@ -143,9 +159,11 @@ def _sampling(body: _Sampled, target, prompt_tokens: int, max_tokens: Optional[i
                        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in the "
                        "completion). Please reduce the length of the messages or completion.",
                        param="max_tokens", code="context_length_exceeded")
+    logprobs, top_logprobs = _logprobs(body)
     return Sampling(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, n=body.n or 1, seed=body.seed, stop=_stop(body),
-                    presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+                    presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                    logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def _text_content(message: Message, index: int) -> str:
@@ -211,261 +229,55 @@ def _prompts(body: CompletionRequest, target) -> list[list[int]]:
     return encoded
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _run(pool, target, prompt_ids: list[int], sampling, cancelled=None, constraint=None):
-    """Deltas of one prompt's choices, the model held for this request only while it generates."""
-    from trainer.inference import generate_choices
-
-    with pool.using(target) as model:
-        yield from generate_choices(model, target.tokenizer, prompt_ids, sampling, target.stop_token_ids, cancelled,
-                                    constraint)
-
-
-def _collect(pool, target, prompts: list[list[int]], sampling, constraint=None) -> list[dict]:
-    """Every choice of every prompt, whole: index (prompt-major), text, finish_reason, n_tokens."""
-    choices = []
-    for number, prompt_ids in enumerate(prompts):
-        texts = [""] * sampling.n
-        ends = [None] * sampling.n
-        counts = [0] * sampling.n
-        for delta in _run(pool, target, prompt_ids, sampling, constraint=constraint):
-            texts[delta.index] += delta.text
-            if delta.finish_reason is not None:
-                ends[delta.index], counts[delta.index] = delta.finish_reason, delta.n_tokens
-        choices += [{"index": number * sampling.n + row, "text": texts[row], "finish_reason": ends[row] or "length",
-                     "n_tokens": counts[row]} for row in range(sampling.n)]
-    return choices
-
-
-class _SSE(StreamingResponse):
-    """A stream whose body is closed however it ends (finished, client gone, error), so its producer stops."""
-
-    async def stream_response(self, send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:  # noqa: BLE001
-                    pass
-
-
-def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def _stream(pool, target, prompts: list[list[int]], sampling, frame, usage_chunk, constraint=None):
-    """SSE events from a producer thread: `frame(kind, index, text, finish_reason)` shapes the chunks (a list).
-
-    The producer generates into a queue and checks `cancelled` at every token, so a client that goes
-    away (this generator closed or cancelled) frees the model at the next token.
-    """
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
-    completion_tokens = 0
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            cancelled.set()
-
-    def produce():
-        try:
-            for number, prompt_ids in enumerate(prompts):
-                for delta in _run(pool, target, prompt_ids, sampling, cancelled, constraint):
-                    put(("delta", number, delta))
-                if cancelled.is_set():
-                    break
-            put(("end", None, None))
-        except Exception:  # noqa: BLE001 - reported as an SSE error event, logged here
-            log.exception("generation failed for %s", target.name)
-            put(("error", None, None))
-
-    try:
-        for number in range(len(prompts)):
-            for row in range(sampling.n):
-                for chunk in frame("start", number * sampling.n + row, "", None):
-                    yield _event(chunk)
-        threading.Thread(target=produce, name="ftlab-generate", daemon=True).start()
-        while True:
-            kind, number, item = await events.get()
-            if kind == "end":
-                break
-            if kind == "error":
-                yield _event({"error": {"message": "The server had an error while generating; the server log has "
-                                                   "the details.", "type": "server_error", "param": None,
-                                        "code": "internal_error"}})
-                return
-            index = number * sampling.n + item.index
-            if item.text:
-                for chunk in frame("delta", index, item.text, None):
-                    yield _event(chunk)
-            if item.finish_reason is not None:
-                completion_tokens += item.n_tokens
-                for chunk in frame("finish", index, "", item.finish_reason):
-                    yield _event(chunk)
-        if usage_chunk is not None:
-            yield _event(usage_chunk(_usage(sum(len(p) for p in prompts), completion_tokens)))
-        yield "data: [DONE]\n\n"
-    finally:
-        cancelled.set()
-
-
-def _generation_error(error: Exception) -> APIError:
-    log.exception("generation failed", exc_info=error)
-    return APIError(500, "The server had an error while generating; the server log has the details.",
-                    code="internal_error")
-
-
-# ---- function calling ------------------------------------------------------------------------
-class _Calling:
-    """The tools of one chat request, and how its replies are read back into calls.
-
-    `tool_choice: "none"` (legacy `function_call: "none"`) renders no tools, so the model answers in
-    text. While decoding, a call may only name a declared function; `required` makes the reply
-    open with a call, a named function makes it call that one (`trainer.call_constraint`, where
-    calls are written in `<tool_call>`). `parallel_tool_calls: false` keeps the first call. A
-    request in the legacy format (`functions`) gets `function_call` back, the new format `tool_calls`.
-    """
-
-    def __init__(self, tools: Optional[list], legacy: bool, parallel: bool, forced: Optional[str] = None,
-                 required: bool = False):
-        self.tools, self.legacy, self.parallel = tools, legacy, parallel
-        self.forced, self.required = forced, required  # the function the reply must call; must it call
-
-    @classmethod
-    def of(cls, body: ChatRequest) -> "_Calling":
-        from trainer.data.tools import as_tools
-
-        legacy = not body.tools and bool(body.functions)
-        choice = body.function_call if legacy else body.tool_choice
-        declared = as_tools(body.functions if legacy else body.tools)
-        if (body.tools or body.functions) and not declared:
-            raise APIError(400, "tools: each entry must be {\"type\": \"function\", \"function\": {\"name\": …, "
-                           "\"parameters\": {…}}} (functions: {\"name\": …, \"parameters\": {…}})",
-                           param="functions" if legacy else "tools", code="invalid_value")
-        forced = None
-        if isinstance(choice, dict):  # {"type": "function", "function": {"name": …}}, legacy {"name": …}
-            forced = (choice.get("function") or {}).get("name") if not legacy else choice.get("name")
-            names = [tool["function"].get("name") for tool in declared]
-            if forced not in names:
-                raise APIError(400, f"{'function_call' if legacy else 'tool_choice'} names {forced!r}, which the "
-                               f"request does not declare (declared: {', '.join(map(str, names)) or 'none'})",
-                               param="function_call" if legacy else "tool_choice", code="invalid_value")
-        return cls(declared if declared and choice != "none" else None, legacy, body.parallel_tool_calls is not False,
-                   forced, choice == "required" or forced is not None)
-
-    def constraint(self, tokenizer):
-        """What decoding must keep to (`trainer.call_constraint.CallConstraint`), or None."""
-        from trainer.call_constraint import CallConstraint
-
-        return CallConstraint.for_tools(tokenizer, self.tools, self.forced, self.required)
-
-    def read(self, text: str) -> tuple[Optional[str], list[dict]]:
-        """(content, calls) of a whole reply; with no tools offered the reply is all content."""
-        from trainer.data.tools import parse_tool_calls
-
-        if not self.tools:
-            return text, []
-        content, calls = parse_tool_calls(text)
-        return content, calls if self.parallel else calls[:1]
-
-    def finish_reason(self, calls: list, finish_reason: str) -> str:
-        if not calls:
-            return finish_reason
-        return "function_call" if self.legacy else "tool_calls"
-
-    def choice(self, index: int, text: str, finish_reason: str) -> dict:
-        """A non-streamed choice: its message, with `tool_calls` (or legacy `function_call`) when it called."""
-        content, calls = self.read(text)
-        message = {"role": "assistant", "content": content, "refusal": None}
-        if calls and self.legacy:
-            message["function_call"] = calls[0]["function"]
-        elif calls:
-            message["tool_calls"] = calls
-        return {"index": index, "message": message, "logprobs": None,
-                "finish_reason": self.finish_reason(calls, finish_reason)}
-
-
-class _ReplyStream:
-    """One streamed choice: text goes out as it comes, except what may still turn out to be a call
-    (from a `<tool_call>` opener, or a reply that starts as a JSON object), which waits for the end."""
-
-    def __init__(self, calling: _Calling):
-        self.calling, self.text, self.shown = calling, "", 0
-
-    def feed(self, text: str) -> str:
-        from trainer.data.tools import CALL_OPEN
-
-        self.text += text
-        if not self.calling.tools:
-            safe = len(self.text)
-        elif self.text.lstrip().startswith("{"):
-            safe = 0  # a bare JSON call, perhaps
-        else:
-            safe = self.text.find(CALL_OPEN)
-            safe = len(self.text) if safe < 0 else safe
-            for cut in range(1, len(CALL_OPEN)):  # the start of an opener split across tokens
-                if self.text[:safe].endswith(CALL_OPEN[:cut]):
-                    safe -= cut
-                    break
-            safe = len(self.text[:safe].rstrip())  # the content before a call ends stripped
-        safe = max(safe, self.shown)
-        shown, self.shown = self.text[self.shown:safe], safe
-        return shown
-
-    def finish(self) -> tuple[str, list[dict]]:
-        """The content not yet sent, and the calls, once the reply is whole."""
-        content, calls = self.calling.read(self.text)
-        if not calls:
-            return self.text[self.shown:], []
-        sent = self.text[:self.shown]
-        content = content or ""
-        return (content[len(sent):] if content.startswith(sent) else ""), calls
-
-
 # ---- the endpoints ---------------------------------------------------------------------------
-@router.post("/chat/completions")
-def chat_completions(body: ChatRequest, request: Request):
-    """POST /v1/chat/completions (chat models: families with the chat format, their ft: models and checkpoints)."""
+def _prepare_chat(request: Request, body: ChatRequest):
+    """Resolve, render and tokenize a chat request (may load a tokenizer: run in a worker thread)."""
     target = _target(request, body.model, chat=True)
-    pool = _server(request).models
-    calling = _Calling.of(body)
+    calling = Calling.of(body)
     constraint = calling.constraint(target.tokenizer)
     prompt_ids = target.encode_chat(_messages(body), calling.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(body, target, len(prompt_ids), max_tokens, "messages")
+    return target, calling, constraint, prompt_ids, sampling
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    """POST /v1/chat/completions (chat models: families with the chat format, their ft: models and checkpoints)."""
+    target, calling, constraint, prompt_ids, sampling = await run_in_threadpool(_prepare_chat, request, body)
+    generations = await generating.submit(_server(request).models, target, [prompt_ids], sampling, constraint)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
             "system_fingerprint": None}
 
+    def logprobs(entries) -> Optional[dict]:
+        if not sampling.logprobs:
+            return None
+        return {"content": generating.chat_logprobs(target.tokenizer, entries), "refusal": None}
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
+        replies = {}  # choice index → ReplyStream: holds back what may turn out to be a call
+        pending = {}  # choice index → log-probs of tokens whose text is held back
 
-        replies = {}  # choice index → _ReplyStream: holds back what may turn out to be a call
-
-        def chunk(index, delta, finish_reason=None):
-            return head | {"choices": [{"index": index, "delta": delta, "logprobs": None,
+        def chunk(index, delta, finish_reason=None, entries=()):
+            return head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs(entries),
                                         "finish_reason": finish_reason}]} | extra
 
-        def frame(kind, index, text, finish_reason):
+        def frame(kind, index, text, finish_reason, entries):
             if kind == "start":
-                replies[index] = _ReplyStream(calling)
+                replies[index], pending[index] = ReplyStream(calling), []
                 return [chunk(index, {"role": "assistant", "content": ""})]
+            pending[index] += entries
             if kind == "delta":
                 shown = replies[index].feed(text)
-                return [chunk(index, {"content": shown})] if shown else []
+                if not shown:
+                    return []
+                sent, pending[index] = pending[index], []
+                return [chunk(index, {"content": shown}, entries=sent)]
             rest, calls = replies[index].finish()
-            chunks = [chunk(index, {"content": rest})] if rest else []
+            chunks = [chunk(index, {"content": rest}, entries=pending[index])] if rest or pending[index] else []
             if calls and calling.legacy:
                 chunks.append(chunk(index, {"function_call": calls[0]["function"]}))
             elif calls:
@@ -474,53 +286,56 @@ def chat_completions(body: ChatRequest, request: Request):
             return chunks + [chunk(index, {}, calling.finish_reason(calls, finish_reason))]
 
         usage_chunk = (lambda usage: head | {"choices": [], "usage": usage}) if include_usage else None
-        return _SSE(_stream(pool, target, [prompt_ids], sampling, frame, usage_chunk, constraint),
-                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
-        choices = _collect(pool, target, [prompt_ids], sampling, constraint)
-    except APIError:
-        raise
-    except Exception as error:  # noqa: BLE001
-        raise _generation_error(error) from None
+        return generating.EventStream(generating.stream(generations, sampling.n, frame, usage_chunk, len(prompt_ids)))
+    (choices,) = await generating.collect(request, generations)
     return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [calling.choice(c["index"], c["text"], c["finish_reason"]) for c in choices],
-            "usage": _usage(len(prompt_ids), sum(c["n_tokens"] for c in choices)), "system_fingerprint": None}
+            "choices": [calling.choice(c.index, c.text, c.finish_reason, logprobs(c.logprobs)) for c in choices],
+            "usage": generating.usage(len(prompt_ids), sum(c.n_tokens for c in choices)), "system_fingerprint": None}
 
 
-@router.post("/completions")
-def completions(body: CompletionRequest, request: Request):
-    """POST /v1/completions (prompt/completion models: babbage-002, davinci-002 and their ft: models)."""
+def _prepare_completion(request: Request, body: CompletionRequest):
+    """Resolve and tokenize a completions request (may load a tokenizer: run in a worker thread)."""
     target = _target(request, body.model, chat=False)
-    pool = _server(request).models
     prompts = _prompts(body, target)
     samplings = [_sampling(body, target, len(p), body.max_tokens, "prompt") for p in prompts]
     sampling = min(samplings, key=lambda s: s.max_new_tokens)  # one length cap for all the prompts of a request
     if body.max_tokens is None:  # the hosted default for completions is 16 tokens
         sampling.max_new_tokens = min(16, sampling.max_new_tokens)
+    return target, prompts, sampling
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    """POST /v1/completions (prompt/completion models: babbage-002, davinci-002 and their ft: models)."""
+    target, prompts, sampling = await run_in_threadpool(_prepare_completion, request, body)
+    generations = await generating.submit(_server(request).models, target, prompts, sampling)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": ident, "object": "text_completion", "created": created, "model": body.model,
             "system_fingerprint": None}
     prompt_tokens = sum(len(p) for p in prompts)
 
+    def logprobs(entries, text_offset: int = 0) -> Optional[dict]:
+        if not sampling.logprobs:
+            return None
+        return generating.completion_logprobs(target.tokenizer, entries, text_offset)
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
+        offsets: dict[int, int] = {}  # choice index → characters of text sent so far
 
-        def frame(kind, index, text, finish_reason):
+        def frame(kind, index, text, finish_reason, entries):
             if kind == "start":
                 return []  # completions streams have no role chunk
-            return [head | {"choices": [{"index": index, "text": text, "logprobs": None,
+            offset = offsets.get(index, 0)
+            offsets[index] = offset + len(text)
+            return [head | {"choices": [{"index": index, "text": text, "logprobs": logprobs(entries, offset),
                                          "finish_reason": finish_reason}]} | extra]
 
         usage_chunk = (lambda usage: head | {"choices": [], "usage": usage}) if include_usage else None
-        return _SSE(_stream(pool, target, prompts, sampling, frame, usage_chunk),
-                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
-        choices = _collect(pool, target, prompts, sampling)
-    except APIError:
-        raise
-    except Exception as error:  # noqa: BLE001
-        raise _generation_error(error) from None
-    return head | {"choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
-                                "finish_reason": c["finish_reason"]} for c in choices],
-                   "usage": _usage(prompt_tokens, sum(c["n_tokens"] for c in choices))}
+        return generating.EventStream(generating.stream(generations, sampling.n, frame, usage_chunk, prompt_tokens))
+    results = await generating.collect(request, generations)
+    choices = [(number * sampling.n + c.index, c) for number, result in enumerate(results) for c in result]
+    return head | {"choices": [{"text": c.text, "index": index, "logprobs": logprobs(c.logprobs),
+                                "finish_reason": c.finish_reason} for index, c in choices],
+                   "usage": generating.usage(prompt_tokens, sum(c.n_tokens for _, c in choices))}

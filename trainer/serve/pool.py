@@ -1,26 +1,26 @@
 """The models `ftlab serve` answers chat and completion requests with.
 
-One backbone in memory serves every adapter trained on it (PEFT multi-adapter): a model name
-resolves to a `Target` (backbone, format, the job's own tokenizer and template, the adapter to
-apply); `ModelPool.using(target)` hands out the model with that adapter active, or with adapters
-disabled for a bare family (`gpt-3.5-turbo`, `babbage-002`, …: the server's backbone alone).
+One backbone in memory serves every adapter trained on it: a model name resolves to a `Target`
+(backbone, format, the job's own tokenizer and template, the adapter to apply), and
+`ModelPool.submit` queues a generation on that backbone's decoding engine (`trainer.engine`),
+where requests for the bare family (`gpt-3.5-turbo`, `babbage-002`, …: no adapter) and for any
+number of `ft:` models share one batch, each row with its own adapter.
 
 - Nothing loads at import or at start: a backbone loads on the first request that needs it, an
   adapter on the first request for its model.
 - At most `server.max_loaded_models` adapters stay loaded per backbone; the least recently used
-  one is unloaded (`delete_adapter`) when another is needed. At most `MAX_BACKBONES` backbones
-  stay in memory (keyed by the backbone's config), the least recently used one goes first.
-- One lock around model use: requests take turns (each request's `n` choices are one batch), so
-  no two requests ever share the model's active adapter.
+  one no request is using is unloaded when another is needed. At most `MAX_BACKBONES` backbones
+  stay in memory (keyed by the backbone's config); another backbone waits until the current
+  one's requests are done (`BackboneBusy` after `BACKBONE_SWITCH_WAIT_S`).
+- `server.max_batch_size` rows decode together; `server.max_queue` requests may wait for a place,
+  after which `submit` refuses with `QueueFull` (the API answers 429 with Retry-After).
 """
 import gc
 import hashlib
-import itertools
 import json
 import logging
 import threading
-from collections import OrderedDict
-from contextlib import contextmanager
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,6 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("ftlab.serve")
 
 MAX_BACKBONES = 1  # backbones kept in memory at once (one is the usual case: every job on the server's backbone)
+BACKBONE_SWITCH_WAIT_S = 60  # how long a request for another backbone waits for the current one's requests
+
+
+class BackboneBusy(RuntimeError):
+    """Another backbone holds the model memory and is still answering requests."""
 
 
 class ModelNotFound(LookupError):
@@ -65,13 +70,6 @@ class Target:
             return encode_completion_prompt(self.tokenizer, prompt)
 
 
-@dataclass
-class _Backbone:
-    base: object  # the backbone module
-    model: object  # the backbone, or the PeftModel wrapping it once an adapter was loaded
-    adapters: "OrderedDict[str, str]" = field(default_factory=OrderedDict)  # adapter key → PEFT adapter name, LRU first
-
-
 def _family_configs() -> dict[str, DictConfig]:
     from trainer.compose import CONFIG_DIR
 
@@ -84,22 +82,20 @@ def _backbone_key(cfg: DictConfig) -> str:
 
 
 class ModelPool:
-    """Resolves model names and lends out the backbone with the right adapter, one request at a time."""
+    """Resolves model names, and queues generations on each backbone's decoding engine."""
 
     def __init__(self, cfg: DictConfig, root):
         self.cfg = cfg
         self.root = Path(root)
         self.max_adapters = max(1, int(OmegaConf.select(cfg, "server.max_loaded_models", default=4) or 1))
-        self.lock = threading.Lock()  # model use (generation, loading, adapter switches)
+        self._loading = threading.Lock()  # backbone loads and unloads
         self._meta = threading.Lock()  # the caches below
         self._resolving = threading.Lock()  # name → target (loads tokenizers)
         self._families: Optional[dict[str, DictConfig]] = None
         self._targets: dict[str, Target] = {}
         self._tokenizers: dict[str, object] = {}  # backbone key or run dir → tokenizer
         self._contexts: dict[str, int] = {}  # backbone key → max positions
-        self._backbones: "OrderedDict[str, _Backbone]" = OrderedDict()
-        self._forgotten: set[str] = set()  # adapter dirs to unload at the next turn
-        self._names = (f"adapter{i}" for i in itertools.count())
+        self._engines: dict[str, object] = {}  # backbone key → its decoding engine
         self.closed = False
 
     # ---- names -------------------------------------------------------------------------------
@@ -190,55 +186,73 @@ class ModelPool:
         return self._contexts[key] or None
 
     def forget(self, name: str) -> None:
-        """A model taken out of service: drop its name and its checkpoints' names, and unload their adapters at
-        the next turn."""
+        """A model taken out of service: drop its name and its checkpoints' names, and unload their adapters once
+        no request uses them."""
         with self._meta:
-            for known in [known for known in self._targets if known == name or known.startswith(f"{name}:ckpt-step-")]:
-                target = self._targets.pop(known)
-                if target.adapter_key is not None:
-                    self._forgotten.add(target.adapter_key)
+            known = [known for known in self._targets if known == name or known.startswith(f"{name}:ckpt-step-")]
+            keys = {self._targets.pop(known).adapter_key for known in known} - {None}
+            engines = list(self._engines.values())
+        for engine in engines:
+            for key in keys:
+                engine.forget(key)
 
-    # ---- weights -----------------------------------------------------------------------------
-    @contextmanager
-    def using(self, target: Target):
-        """The model with the target's adapter active (adapters disabled for a bare family), for this turn only."""
-        with self.lock:
+    # ---- generating --------------------------------------------------------------------------
+    def submit(self, target: Target, prompt_ids: list[int], sampling, constraint=None, loop=None):
+        """Queue a generation on the target's backbone (loaded at its first request; the caller's thread waits
+        for that); returns the engine's `Generation`. `QueueFull` when `server.max_queue` requests wait."""
+        from trainer.engine import Adapter, Request
+
+        adapter = Adapter(target.adapter_key, target.adapter_dir) if target.adapter_dir is not None else None
+        request = Request(prompt_ids, sampling, target.tokenizer, target.stop_token_ids, adapter, constraint)
+        return self.engine(target).submit(request, loop=loop)
+
+    def engine(self, target: Target):
+        """The decoding engine of the target's backbone, loading the backbone the first time."""
+        from trainer.engine import EngineClosed
+
+        with self._loading:  # one backbone load at a time
             if self.closed:
-                raise RuntimeError("the server is shutting down")
-            backbone = self._backbone(target)
-            self._drop_forgotten(backbone)
-            if target.adapter_dir is None:
-                if backbone.adapters:
-                    with backbone.model.disable_adapter():
-                        yield backbone.model
-                else:
-                    yield backbone.model
-                return
-            self._activate(backbone, target)
-            yield backbone.model
+                raise EngineClosed("the server is shutting down")
+            with self._meta:
+                engine = self._engines.get(target.backbone_key)
+            if engine is not None:
+                return engine
+            for key, old in list(self._engines.items())[: max(0, len(self._engines) - MAX_BACKBONES + 1)]:
+                self._unload_when_idle(key, old)
+            engine = self._load(target)
+            with self._meta:
+                self._engines[target.backbone_key] = engine
+            return engine
 
-    def _backbone(self, target: Target) -> _Backbone:
-        found = self._backbones.get(target.backbone_key)
-        if found is not None:
-            self._backbones.move_to_end(target.backbone_key)
-            return found
-        while len(self._backbones) >= MAX_BACKBONES:
-            old, _ = self._backbones.popitem(last=False)
-            log.info("unloading backbone %s", old)
-            self._free()
-        runtime = self._runtime()
-        log.info("loading backbone %s (%s, %s)", target.backbone_key, runtime.device, runtime.precision_name)
+    def _unload_when_idle(self, key: str, engine) -> None:
+        """Make room for another backbone once this one's requests are done."""
+        deadline = time.monotonic() + BACKBONE_SWITCH_WAIT_S
+        while engine.busy:
+            if time.monotonic() > deadline:
+                raise BackboneBusy(f"the server's model memory holds another backbone ({key}) that is still "
+                                   "answering requests; retry shortly")
+            time.sleep(0.05)
+        log.info("unloading backbone %s", key)
+        engine.close()
+        with self._meta:
+            del self._engines[key]
+        self._free()
+
+    def _load(self, target: Target):
+        from trainer.engine import Engine
         from trainer.model import load_base_model
 
+        runtime = self._runtime()
+        log.info("loading backbone %s (%s, %s)", target.backbone_key, runtime.device, runtime.precision_name)
         model = load_base_model(target.load_cfg, runtime)
         model.eval()
-        backbone = self._backbones[target.backbone_key] = _Backbone(model, model)
-        return backbone
+        server = self.cfg.server
+        return Engine(model, max_batch_size=int(server.max_batch_size), max_queue=int(server.max_queue),
+                      max_adapters=self.max_adapters)
 
     def _runtime(self):
         """Where the backbones compute: the server's `train.device` / `precision` / `quantization`, except that
-        `precision=auto` on a CPU serves in fp32. Token-by-token decoding in bf16 on a CPU runs at erratic
-        speeds here (SmolLM2-135M, 32 tokens: 0.8 s to 38 s for the same prompt; fp32: 1.4 s every time)."""
+        `precision=auto` on a CPU serves in fp32, the precision whose greedy answers the tests pin."""
         import dataclasses
 
         import torch
@@ -251,42 +265,18 @@ class ModelPool:
             runtime = dataclasses.replace(runtime, dtype=torch.float32)
         return runtime
 
-    def _activate(self, backbone: _Backbone, target: Target) -> None:
-        key = target.adapter_key
-        if key in backbone.adapters:
-            backbone.adapters.move_to_end(key)
-        else:
-            name = next(self._names)
-            log.info("loading adapter %s for %s", target.adapter_dir, target.name)
-            if not backbone.adapters and backbone.model is backbone.base:
-                from peft import PeftModel
-
-                backbone.model = PeftModel.from_pretrained(backbone.base, str(target.adapter_dir), adapter_name=name)
-                backbone.model.eval()
-            else:
-                backbone.model.load_adapter(str(target.adapter_dir), adapter_name=name)
-            backbone.adapters[key] = name
-        backbone.model.set_adapter(backbone.adapters[key])
-        while len(backbone.adapters) > self.max_adapters:
-            old, name = backbone.adapters.popitem(last=False)
-            log.info("unloading adapter %s", old)
-            backbone.model.delete_adapter(name)
-
-    def _drop_forgotten(self, backbone: _Backbone) -> None:
+    @property
+    def busy(self) -> bool:
+        """Whether any backbone's engine is generating or has requests waiting."""
         with self._meta:
-            forgotten, self._forgotten = self._forgotten, set()
-        for key in forgotten:
-            name = backbone.adapters.get(key)
-            if name is not None and len(backbone.adapters) > 1:  # the last one stays (inactive) until evicted
-                del backbone.adapters[key]
-                backbone.model.set_adapter(next(reversed(backbone.adapters.values())))  # never delete the active one
-                backbone.model.delete_adapter(name)
+            engines = list(self._engines.values())
+        return any(engine.busy for engine in engines)
 
     def loaded(self) -> dict[str, list[str]]:
         """Backbone key → the adapter dirs loaded on it, least recently used first."""
         with self._meta:
-            return {key: [adapter.rsplit("@", 1)[0] for adapter in backbone.adapters]
-                    for key, backbone in self._backbones.items()}
+            return {key: [adapter.rsplit("@", 1)[0] for adapter in engine.adapters]
+                    for key, engine in self._engines.items()}
 
     @staticmethod
     def _free() -> None:
@@ -300,15 +290,12 @@ class ModelPool:
             pass
 
     def close(self) -> None:
-        """Free the models (waits a little for a request in progress)."""
-        got = self.lock.acquire(timeout=10)
-        try:
-            self.closed = True
-            self._backbones.clear()
-            with self._meta:
-                self._targets.clear()
-                self._tokenizers.clear()
-            self._free()
-        finally:
-            if got:
-                self.lock.release()
+        """Stop the engines (requests still running end with an error) and free the models."""
+        self.closed = True
+        with self._meta:
+            engines, self._engines = list(self._engines.values()), {}
+            self._targets.clear()
+            self._tokenizers.clear()
+        for engine in engines:
+            engine.close()
+        self._free()
