@@ -273,3 +273,68 @@ def test_pool_loads_lazily_and_unloads_forgotten_adapters(jobs, cache_dir):
     assert [Path(p).parent.name for p in pool.loaded()[targets[0].backbone_key]] == ["a"]
     pool.close()
     assert pool.loaded() == {}
+
+
+def test_logprobs_as_the_hosted_api_gives_them(served):
+    client, _, names = served
+    reply = chat(client, names["a"], logprobs=True, top_logprobs=2, max_tokens=8)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert b"".join(bytes(entry.bytes) for entry in content).decode("utf-8", "replace").strip() or True
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    text, chunks = streamed(chat(client, names["a"], logprobs=True, top_logprobs=2, max_tokens=8, stream=True))
+    streamed_entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed_entries] == [(e.token, e.logprob) for e in content]
+    assert chat(client, names["a"]).choices[0].logprobs is None  # only when asked
+    legacy = complete(client, names["c"], logprobs=2, max_tokens=5).choices[0].logprobs
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == len(legacy.text_offset)
+    assert all(len(top) <= 2 for top in legacy.top_logprobs) and legacy.text_offset[0] == 0
+    with pytest.raises(openai.BadRequestError):
+        chat(client, names["a"], top_logprobs=2)  # needs logprobs: true
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_the_client_retries(jobs, cache_dir):
+    import httpx
+
+    root, names = jobs
+    copy = root.parent / "root-queue"  # one server per jobs root
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("ftlab.sqlite*", "serve.lock"), dirs_exist_ok=True)
+    with live_server(copy, _overrides(cache_dir, "server.max_batch_size=1", "server.max_queue=1")) as (url, server):
+        client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        long = chat(client, names["a"], max_tokens=3500, stream=True)  # holds the only row
+        next(iter(long))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            queued = pool.submit(chat, client, names["b"], max_tokens=3)  # the one request that may wait
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                refused = httpx.post(f"{url}/chat/completions", json={"model": names["b"], "messages": MESSAGES,
+                                                                      "max_tokens": 3})
+                if refused.status_code == 429:
+                    break
+                time.sleep(0.05)
+            assert refused.status_code == 429 and float(refused.headers["retry-after"]) > 0
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+            patient = pool.submit(chat, OpenAI(base_url=url, api_key="x", max_retries=5, timeout=60), names["b"],
+                                  max_tokens=3)
+            long.close()  # frees the row: the queued request runs, then the retried one
+            assert queued.result(timeout=60).usage.completion_tokens == 3
+            assert patient.result(timeout=60).usage.completion_tokens == 3
+
+
+def test_one_batch_serves_the_family_and_two_adapters_at_once(served):
+    client, server, names = served
+    models = [names["a"], "gpt-3.5-turbo", names["b"], f"{names['a']}:ckpt-step-3"] * 3
+    questions = [[{"role": "user", "content": f"Q{i}"}] for i in range(len(models))]
+    alone = [chat(client, model, messages=q, max_tokens=24).choices[0].message.content
+             for model, q in zip(models, questions)]
+    engine = next(iter(server.models._engines.values()))
+    before = dict(engine.stats)
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(lambda pair: chat(client, pair[0], messages=pair[1], max_tokens=24)
+                                 .choices[0].message.content, zip(models, questions)))
+    assert together == alone
+    steps = engine.stats["steps"] - before["steps"]
+    assert (engine.stats["rows_stepped"] - before["rows_stepped"]) / steps > 2  # rows really shared the steps
