@@ -8,7 +8,7 @@ backbone and several LoRA adapters, and the KV-cache layout measured against tra
 
 Each level runs `clients` threads; each submits `--requests` requests one after the other and waits
 for each answer. Requests take the models in turn: the backbone alone, then each adapter (random
-LoRA adapters of rank 16 on the seven projections, made here), so rows of different adapters and
+LoRA adapters of rank 16 on the seven projections, made here with small weights, as trained ones have), so rows of different adapters and
 base rows share the batches. Prompts are `--prompt-tokens` random token ids (a request's own seed),
 and every request generates exactly `--max-tokens` tokens (no stop token), so the work per request
 is fixed. Reported per level: output tokens/s and its ratio to one client, latency p50/p90, the
@@ -59,12 +59,16 @@ def make_adapters(model, count: int, folder: Path) -> list[Path]:
 
     paths = []
     for number in range(count):
-        config = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
+        config = LoraConfig(r=16, lora_alpha=32,
                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         torch.manual_seed(number)
-        peft_model = get_peft_model(model, config, adapter_name=f"bench{number}")
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():  # B starts at zero; a trained adapter's is small, not zero
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=1e-3)
         paths.append(folder / f"adapter{number}")
-        peft_model.save_pretrained(str(paths[-1]), selected_adapters=[f"bench{number}"])
+        peft_model.save_pretrained(str(paths[-1]))
         model = peft_model.unload()  # the bare backbone again
     return paths
 

@@ -9,8 +9,8 @@ the official openai client.
     python3 scripts/bench_serve.py --device cuda --backbone llama-3.1-8b-random --train-jobs 4 --clients 64 \\
         --no-transformers                                        # make gpu-check: 8B shapes, 4 adapters
 
-Unless --url is given, ftlab serve runs in this process (uvicorn in a thread, as `ftlab serve` runs
-it) on a scratch jobs root. `--train-jobs N` first trains N short jobs (`ftlab train`, a few steps of
+Unless --url is given, `ftlab serve` runs as a process of its own, as users run it, on a scratch
+jobs root (and `transformers serve` the same way, after it). `--train-jobs N` first trains N short jobs (`ftlab train`, a few steps of
 the bundled sample) into that root, and the clients take the models in turn: the family
 (`gpt-3.5-turbo`, the backbone alone) and each `ft:` model, so rows of different adapters and base
 rows share the engine's batches. A warm-up request per model loads the backbone and adapters.
@@ -61,13 +61,48 @@ def serve_overrides(args, root: Path) -> list[str]:
             f"server.max_batch_size={args.max_batch_size}", *args.override]
 
 
-def start_ftlab(args, root: Path):
-    """`ftlab serve` in this process; returns (base_url, stop)."""
-    from trainer.serve.app import background_server
+def start_ftlab(args, root: Path, log_path: Path):
+    """`ftlab serve` as a process of its own, as users run it; returns (base_url, stop)."""
+    port = _free_port()
+    command = [sys.executable, "-m", "trainer", "serve", *serve_overrides(args, root), f"server.port={port}"]
+    return _start(command, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/v1/models", log_path,
+                  dict(os.environ, PYTHONPATH=str(REPO)))
 
-    running = background_server(serve_overrides(args, root), None)
-    base_url, _ = running.__enter__()
-    return base_url, lambda: running.__exit__(None, None, None)
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(command: list[str], base_url: str, ready_url: str, log_path: Path, env: dict):
+    """Start a server process and wait until `ready_url` answers; returns (base_url, stop)."""
+    import httpx
+
+    log = open(log_path, "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.time() + 300
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited ({process.returncode}); see {log_path}")
+        try:
+            if httpx.get(ready_url, headers={"Authorization": "Bearer x"}, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError(f"{ready_url} did not answer; see {log_path}")
+        time.sleep(0.5)
+
+    def stop():
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+    return base_url, stop
 
 
 def train_jobs(args, root: Path, count: int) -> list[str]:
@@ -102,37 +137,13 @@ def backbone_folder(args) -> Path:
 
 def start_transformers(args, folder: Path, log_path: Path):
     """`transformers serve --continuous-batching` on the backbone folder; returns (base_url, model name, stop)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "auto": "float32"}[args.precision]
     device = "cpu" if args.device == "cpu" or (args.device == "auto" and not _cuda()) else "cuda"
     command = [str(Path(sys.executable).parent / "transformers"), "serve", str(folder), "--continuous-batching",
                "--dtype", dtype, "--device", device, "--host", "127.0.0.1", "--port", str(port)]
-    log = open(log_path, "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    base_url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    import httpx
-
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"transformers serve exited ({process.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-
-    def stop():
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
+    base_url, stop = _start(command, f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/health", log_path,
+                            dict(os.environ, HF_HUB_OFFLINE="1"))
     return base_url, str(folder), stop
 
 
@@ -291,7 +302,7 @@ def main() -> None:
         else:
             root = Path(scratch) / "root"
             models += train_jobs(args, root, args.train_jobs)
-            base_url, stop = start_ftlab(args, root)
+            base_url, stop = start_ftlab(args, root, Path(scratch) / "ftlab.log")
             try:
                 runs.append(measure("ftlab", base_url, args, models, levels, not args.no_check))
             finally:

@@ -88,12 +88,17 @@ def test_greedy_batched_answers_equal_one_at_a_time_and_transformers_generate(ti
     assert len(set(alone)) > 1  # different prompts, different answers: the comparison means something
 
 
-def test_rows_of_two_adapters_and_base_rows_share_a_batch_and_keep_their_own(tiny, engine):
+def test_rows_of_two_adapters_and_base_rows_share_a_batch_and_keep_their_own(tiny, engine, monkeypatch):
     adapters = [None, "a", "b"]
-    requests = [request(tiny, q, adapters[i % 3]) for i, q in enumerate(QUESTIONS * 2)]
+    requests = [request(tiny, q, adapters[i % 3], max_new_tokens=4 + 3 * i) for i, q in enumerate(QUESTIONS * 2)]
     alone = [texts(engine, [r])[0] for r in requests]
+    plans = []
+    groups = engine._groups
+    monkeypatch.setattr(engine, "_groups", lambda *args: plans.append(groups(*args)) or plans[-1])
     together = texts(engine, requests)
     assert together == alone
+    # rows joined and left at different steps, yet each adapter's rows stayed one slice of the batch
+    assert len(plans) > 10 and all(isinstance(rows, slice) for plan in plans for _, rows in plan)
     # each adapter changes the answer to the same question: rows really ran with their own weights
     same_question = texts(engine, [request(tiny, QUESTIONS[3], adapter) for adapter in adapters])
     assert len(set(same_question)) == 3

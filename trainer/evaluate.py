@@ -199,30 +199,29 @@ def loss_and_accuracy(model, dataset, pad_token_id: int, batch_size: int, device
 
 def generate_replies(loaded, runs: dict[str, tuple[list, bool]], tools: list, eval_cfg: DictConfig,
                      console: Console) -> dict[str, list[str]]:
-    """Greedy replies of every run (name → (prompts, base?)), all submitted to the decoding engine at once,
-    so the base and fine-tuned models' rows share its batches; with a progress bar."""
+    """Greedy replies of every run (name → (prompts, base?)), all batched together by the decoding engine, so
+    the base and fine-tuned models' rows share its forwards; with a progress bar."""
     from rich.progress import Progress
 
     from trainer.engine import Sampling
 
     sampling = Sampling(max_new_tokens=int(eval_cfg.max_new_tokens), temperature=0.0)
-    engine = loaded.engine(max_batch_size=int(eval_cfg.max_batch_size))
+    requests = [generation_request(loaded, encode(loaded, prompt, prompt_tools), sampling, base=base)
+                for prompt_list, base in runs.values() for prompt, prompt_tools in zip(prompt_list, tools)]
     started = time.perf_counter()
-    total = sum(len(prompt_list) for prompt_list, _ in runs.values())
+    engine = loaded.engine(max_batch_size=int(eval_cfg.max_batch_size))
+    before = dict(engine.stats)
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("generating replies", total=total)
-        submitted = {name: [engine.submit(generation_request(loaded, encode(loaded, p, t), sampling, base=base),
-                                          block=True)
-                            for p, t in zip(prompt_list, tools)]
-                     for name, (prompt_list, base) in runs.items()}
-        texts = {}
-        for name, generations in submitted.items():
-            texts[name] = []
-            for generation in generations:
-                texts[name].append(generation.result()[0].text)
-                progress.advance(bar)
-    console.print(f"[dim]{total} replies ({', '.join(LABELS[name] for name in runs)}) in "
-                  f"{time.perf_counter() - started:.1f} s[/]", highlight=False)
+        bar = progress.add_task("generating replies", total=len(requests))
+        results = engine.generate(requests, progress=lambda done: progress.update(bar, completed=done))
+    spent = {key: engine.stats[key] - before[key] for key in ("prefill_seconds", "decode_seconds", "steps")}
+    console.print(f"[dim]{len(requests)} replies ({', '.join(LABELS[name] for name in runs)}) in "
+                  f"{time.perf_counter() - started:.1f} s: prompts {spent['prefill_seconds']:.1f} s, "
+                  f"{spent['steps']} decoding steps {spent['decode_seconds']:.1f} s[/]", highlight=False)
+    texts, start = {}, 0
+    for name, (prompt_list, _) in runs.items():
+        texts[name] = [choices[0].text for choices in results[start:start + len(prompt_list)]]
+        start += len(prompt_list)
     return texts
 
 

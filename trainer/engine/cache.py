@@ -32,6 +32,7 @@ class SlotCache:
 
     def __init__(self, max_rows: int):
         self.max_rows = max_rows
+        self.spare = max_rows  # one more slot, for rows trading places
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.capacity = 0  # positions per slot
@@ -61,7 +62,7 @@ class SlotCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store this forward's keys and values of layer `layer_idx`; return what its attention reads."""
         if layer_idx == len(self.keys):  # the first forward allocates, layer by layer
-            shape = (self.max_rows, key_states.shape[1], self.capacity, key_states.shape[3])
+            shape = (self.max_rows + 1, key_states.shape[1], self.capacity, key_states.shape[3])
             self.keys.append(key_states.new_zeros(shape))
             self.values.append(value_states.new_zeros(shape))
         keys, values = self.keys[layer_idx], self.values[layer_idx]

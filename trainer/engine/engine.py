@@ -28,10 +28,11 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -39,9 +40,11 @@ from trainer.engine import lora
 from trainer.engine.cache import SlotCache, decode_mask, extend_mask, extend_positions
 from trainer.engine.sampling import RowSampler, Sampling, TokenLogprob, choose_tokens
 from trainer.engine.text import TextStream
+from trainer.fused import fuse_rms_norms
 
 log = logging.getLogger("ftlab.engine")
 _END = object()  # a generation's last event
+MAX_PADDING = 1.3  # a prefill forward computes at most this many positions per real token (else it splits)
 MIN_SHARED_PREFIX = 8  # prompt tokens two requests must share before one copies the other's KV
 
 
@@ -112,12 +115,15 @@ class Generation:
         self._events = asyncio.Queue() if loop is not None else queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.live_rows = 0  # its choices in the batch (the engine's count)
+        self.finished = False  # its last event was sent
 
     def cancel(self) -> None:
         """Stop generating: the choices still running end without a last delta, freeing their rows."""
         self.cancelled.set()
 
     def _emit(self, item) -> None:
+        if item is _END or isinstance(item, BaseException):
+            self.finished = True
         if self._loop is None:
             self._events.put(item)
             return
@@ -229,6 +235,7 @@ class Engine:
             lora.check_supported(model, name)
             self.adapters[name] = name
         lora.install(self.network, self.plan)
+        fuse_rms_norms(self.network)  # one call per norm instead of eight: a decoding step is many small ops
         self._names = (f"adapter{i}" for i in itertools.count())
         self._cache_argument, self._keeps_logits = _forward_arguments(self.network)
         self._waiting: collections.deque[Generation] = collections.deque()
@@ -236,25 +243,24 @@ class Engine:
         self._forgotten: set[str] = set()
         self._pinned: set[str] = set()  # adapters of the requests being admitted
         self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[threading.Thread] = None  # the engine's own thread, once `submit` started it
+        self._driver: Optional[threading.Thread] = None  # the thread running `generate`, while it does
         self._closed = False
         self.stats = {"steps": 0, "rows_stepped": 0, "prefills": 0, "prompt_tokens": 0, "shared_prompt_tokens": 0,
-                      "generated_tokens": 0}
+                      "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     # ---- what callers use --------------------------------------------------------------------
     def submit(self, request: Request, loop: Optional[asyncio.AbstractEventLoop] = None,
                block: bool = False) -> Generation:
-        """Queue a request; its deltas arrive on the returned `Generation` (on `loop`'s thread for `async for`).
+        """Queue a request for the engine's own thread (started at the first call); its deltas arrive on the
+        returned `Generation` (on `loop`'s thread for `async for`).
 
         With `max_queue` requests already waiting: `QueueFull`, or with `block` wait for room.
         """
-        if not request.prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        if request.sampling.n > self.max_batch_size:
-            raise ValueError(f"n={request.sampling.n} is more choices than the batch holds "
-                             f"(max_batch_size={self.max_batch_size})")
-        generation = Generation(request, loop)
+        generation = self._generation(request, loop)
         with self._cond:
+            if self._driver is not None:
+                raise RuntimeError("generate() is running this engine in another thread")
             while not self._closed and len(self._waiting) >= self.max_queue:
                 if not block:
                     raise QueueFull(len(self._waiting))
@@ -268,16 +274,59 @@ class Engine:
             self._cond.notify_all()
         return generation
 
-    def generate(self, requests: list[Request]) -> list[list[Choice]]:
-        """Every request's choices, whole: all of them submitted at once, batched together."""
-        generations = [self.submit(request, block=True) for request in requests]
+    def generate(self, requests: list[Request], progress: Optional[Callable[[int], None]] = None
+                 ) -> list[list[Choice]]:
+        """Every request's choices, whole, all batched together; `progress(n)` after each step, n requests done.
+
+        Unless the engine's own thread is serving, the calling thread runs the model. A process that
+        also computes with the model in this thread (a validation pass, training) must generate here:
+        torch's CPU thread pool is per thread, and a second thread's pool competing for the same cores
+        made every decoding step ~45% slower, for good, after one forward pass elsewhere.
+        """
+        with self._cond:
+            background = self._thread is not None
+        if background:
+            generations = [self.submit(request, block=True) for request in requests]
+            results = []
+            for generation in generations:
+                results.append(generation.result())
+                if progress is not None:
+                    progress(len(results))
+            return results
+        generations = [self._generation(request) for request in requests]
+        with self._cond:
+            if self._driver is not None or self._closed:
+                raise RuntimeError("the engine is closed, or generate() is running it in another thread")
+            self._driver = threading.current_thread()
+            self._waiting.extend(generations)
+        try:
+            while not all(generation.finished for generation in generations):
+                with self._cond:
+                    admitted = self._admit()
+                self._step(admitted)
+                if progress is not None:
+                    progress(sum(generation.finished for generation in generations))
+        finally:
+            with self._cond:
+                self._driver = None
+            self._tidy()
         return [generation.result() for generation in generations]
+
+    def _generation(self, request: Request, loop=None) -> Generation:
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if request.sampling.n > self.max_batch_size:
+            raise ValueError(f"n={request.sampling.n} is more choices than the batch holds "
+                             f"(max_batch_size={self.max_batch_size})")
+        return Generation(request, loop)
 
     def forget(self, key: str) -> None:
         """Unload an adapter (a model taken out of service) once no row uses it."""
         with self._cond:
             self._forgotten.add(key)
             self._cond.notify_all()
+            if self._thread is None and self._driver is None:  # nothing runs the model: unload it now
+                self._drop_forgotten()
 
     @property
     def busy(self) -> bool:
@@ -342,12 +391,16 @@ class Engine:
             self._pinned.clear()
             names = {id(g): self._adapter(g.request.adapter) for g in admitted}  # loaded outside inference mode
             with torch.inference_mode():
+                started = time.perf_counter()
                 if admitted:
                     self._prefill(admitted, names)
                     self._retire()  # choices that ended at their first token
+                prefilled = time.perf_counter()
                 if self._rows:
                     self._decode()
                     self._retire()
+                self.stats["prefill_seconds"] += prefilled - started
+                self.stats["decode_seconds"] += time.perf_counter() - prefilled
         except Exception as error:  # noqa: BLE001 - fail this step's requests, keep serving the next ones
             log.exception("decoding failed")
             for generation in {row.generation for row in self._rows} | set(admitted):
@@ -366,6 +419,7 @@ class Engine:
         Among the admitted ones, the first of a group that shares a prefix is computed first (wave 1), and
         the others then copy its prefix (wave 2).
         """
+        first_new_row = len(self._rows)
         running = {}  # id(generation) → (its first slot, generation, adapter) of the rows in the batch
         for slot, row in enumerate(self._rows):
             running.setdefault(id(row.generation), (slot, row.generation, row.adapter))
@@ -388,14 +442,17 @@ class Engine:
         slots: dict[int, int] = {}
         for wave in (first_wave, second_wave):
             batch: list[_Extension] = []
-            for extension in wave:  # one forward per max_prefill_tokens of padded new tokens
-                width = max(e.new_tokens for e in [*batch, extension])
-                if batch and width * (len(batch) + 1) > self.max_prefill_tokens:
+            # one forward per max_prefill_tokens of padded new tokens; similar lengths together pad least
+            for extension in sorted(wave, key=lambda e: (e.adapter or "", e.new_tokens)):
+                padded = extension.new_tokens * (len(batch) + 1)  # the widest so far: the wave is sorted
+                real = extension.new_tokens + sum(e.new_tokens for e in batch)
+                if batch and (padded > self.max_prefill_tokens or padded > MAX_PADDING * real):
                     self._extend(batch, slots)
                     batch = []
                 batch.append(extension)
             if batch:
                 self._extend(batch, slots)
+        self._group_new_rows(first_new_row)
         self._pinned.clear()  # their rows hold the adapters now
 
     def _extend(self, extensions: list["_Extension"], slots: dict[int, int]) -> None:
@@ -506,14 +563,53 @@ class Engine:
                 rows[index].done = True
             if not rows[index].done:
                 continue
-            last = len(rows) - 1
             rows[index].generation.live_rows -= 1
             if rows[index].generation.live_rows == 0:
                 rows[index].generation._emit(_END)
-            if index != last:
-                self.cache.copy_slot(last, index, rows[last].length)
-                rows[index] = rows[last]
-            rows.pop()
+            self._remove(index)
+
+    # ---- rows grouped by adapter -----------------------------------------------------------------
+    # The rows of one adapter stay next to each other in the batch, so that each adapter's LoRA term is
+    # one slice of a projection's output (`lora.rows_of`). A row joins its group, or leaves it, by
+    # trading KV slots with one row of each group in between: at most one small copy per group.
+    def _group_new_rows(self, first: int) -> None:
+        """Move each row from index `first` on, which joined at the end, next to the rows of its adapter."""
+        rows = self._rows
+        for position in range(first, len(rows)):
+            adapter = rows[position].adapter
+            if all(row.adapter != adapter for row in rows[:position]):
+                continue  # a new group: it stays at the end
+            while rows[position - 1].adapter != adapter:
+                start = position - 1  # the group just before this row starts at `start`
+                while rows[start - 1].adapter == rows[position - 1].adapter:
+                    start -= 1
+                self._swap(start, position)
+                position = start
+
+    def _remove(self, index: int) -> None:
+        """Take row `index` out of the batch: the last row of its group fills its place, then each later group's
+        last row fills the place just before that group."""
+        rows = self._rows
+        hole, group = index, rows[index].adapter
+        while hole < len(rows) - 1:
+            end = hole + 1
+            while end < len(rows) and rows[end].adapter == group:
+                end += 1
+            if end - 1 != hole:
+                self.cache.copy_slot(end - 1, hole, rows[end - 1].length)
+                rows[hole] = rows[end - 1]
+            hole = end - 1
+            if hole < len(rows) - 1:
+                group = rows[hole + 1].adapter
+        rows.pop()
+
+    def _swap(self, a: int, b: int) -> None:
+        """Rows `a` and `b` trade places, KV slots included."""
+        rows, spare = self._rows, self.cache.spare
+        self.cache.copy_slot(a, spare, rows[a].length)
+        self.cache.copy_slot(b, a, rows[b].length)
+        self.cache.copy_slot(spare, b, rows[a].length)
+        rows[a], rows[b] = rows[b], rows[a]
 
     # ---- adapters ------------------------------------------------------------------------------
     def _adapter(self, adapter: Optional[Adapter]) -> Optional[str]:
