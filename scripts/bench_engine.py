@@ -176,7 +176,8 @@ def time_layouts(model, rows: int, context: int, steps: int, vocab: int) -> dict
             "slot_join_ms": 1000 * slot_join, "dynamic_join_ms": 1000 * dynamic_join}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--backbone", default="smollm2-135m-instruct")
@@ -193,7 +194,12 @@ def main() -> None:
     parser.add_argument("--layouts", action="store_true", help="also time the KV layouts")
     parser.add_argument("--context", type=int, default=256, help="--layouts: tokens in each row's cache")
     parser.add_argument("--json", default=None, help="results JSON (default benchmarks/results/engine-<device>-<date>.json)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the bench; returns the results record (also written as JSON)."""
+    args = parse_args(argv)
 
     from rich.console import Console
     from rich.table import Table
@@ -246,6 +252,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    return record
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 #      Llama-3.1-8B's shapes (random weights built on the GPU) at sequence 2048, batch 4: tokens/s,
 #      MFU (over all steps and steady-state), peak GPU memory;
 #   3. a profile of ftlab's training step: GPU time by kind of kernel, and how busy the GPU was;
-#   4. if time is left, ftlab with train.liger_kernel=true and with train.compile=true.
+#   4. the decoding engine (scripts/bench_engine.py): 64 concurrent requests over the 8B shapes with 4
+#      adapters and base rows in one batch, output tokens/s against one client;
+#   5. if time is left, ftlab with train.liger_kernel=true and with train.compile=true.
 # Each part runs under its own time limit and a failing part does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +52,13 @@ if [ "$(left)" -gt 100 ]; then
   echo "== profile of ftlab's step ($(left) s left)"
   timeout "$(left)" "$PYTHON" scripts/profile_step.py "${SHAPES[@]}" --warmup 3 --steps 2 \
     --out "$OUT/gpu-llama8b-qlora-profile-$stamp.json" 2>&1 | tee "$OUT/gpu-llama8b-qlora-profile-$stamp.log" || status=1
+fi
+if [ "$(left)" -gt 90 ]; then
+  echo "== decoding engine: Llama-3.1-8B shapes, bf16, base + 4 adapters, 1 and 64 clients ($(left) s left)"
+  timeout "$(( $(left) - 30 ))" "$PYTHON" scripts/bench_engine.py --device cuda --precision bf16 \
+    --backbone llama-3.1-8b-random --adapters 4 --clients 1,64 --requests 2 --prompt-tokens 256 --max-tokens 128 \
+    --max-batch-size 64 --cache-dir "$CACHE" --json "$OUT/gpu-llama8b-engine-$stamp.json" 2>&1 \
+    | tee "$OUT/gpu-llama8b-engine-$stamp.log" || status=1
 fi
 for option in liger compiled; do  # each in its own run, so a compile that runs out of time costs only itself
   if [ "$(left)" -gt 100 ]; then

@@ -115,3 +115,24 @@ def test_gpu_check_names_only_runners_and_options_the_scripts_take():
     shapes = re.search(r"SHAPES=\((.*?)\)", script, re.S).group(1).replace('"$CACHE"', "/tmp/cache")
     args = load_script("profile_step").parse_args([*shlex.split(shapes), "--warmup", "3", "--steps", "2"])
     assert (args.device, args.quantization, args.max_length, args.fill_length) == ("cuda", "nf4", 2048, True)
+
+
+def test_gpu_check_benches_the_engine_on_8b_shapes_with_four_adapters(tmp_path, cache_dir):
+    import re
+    import shlex
+
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    call = re.search(r"scripts/bench_engine.py (.*?)2>&1", script, re.S).group(1)
+    words = shlex.split(call.replace("\\\n", " ").replace("$CACHE", "/tmp/cache").replace("$OUT", "/tmp/out")
+                        .replace("$stamp", "today"))
+    engine = load_script("bench_engine")
+    args = engine.parse_args(words)
+    assert (args.device, args.precision, args.backbone, args.adapters) == ("cuda", "bf16", "llama-3.1-8b-random", 4)
+    assert "64" in args.clients.split(",")
+    # the same script on CPU, on the tiny Llama: every level runs, base and adapter rows share the batches
+    record = engine.main(["--backbone", "tiny-llama", "--adapters", "2", "--clients", "1,4", "--requests", "2",
+                          "--prompt-tokens", "8", "--max-tokens", "4", "--cache-dir", cache_dir, "--layouts",
+                          "--context", "16", "--json", str(tmp_path / "engine.json")])
+    assert [level["clients"] for level in record["levels"]] == [1, 4]
+    assert all(level["output_tokens"] == level["requests"] * 4 for level in record["levels"])
+    assert record["levels"][1]["rows_per_step"] > 1 and len(record["layouts"]) == 3
