@@ -23,10 +23,13 @@ greedy answers at each level are compared with those ("answers unchanged").
 
 Side by side, unless --no-transformers: `transformers serve --continuous-batching` on the same
 backbone folder, precision and device, with the same clients (the backbone alone: it serves no
-adapters). Results go to a JSON under benchmarks/results/ and print as one table.
+adapters). Both servers run at once, idle while the other is measured: each level runs on one,
+then on the other, `--repeats` times over, so a shared machine's drift hits both alike; the table
+shows each figure's median. Results go to a JSON under benchmarks/results/ and print as one table.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import os
@@ -220,27 +223,54 @@ def reference_answers(base_url: str, args, models: list[str], levels: list[int])
     return answers
 
 
-def measure(name: str, base_url: str, args, models: list[str], levels: list[int], check_answers: bool) -> dict:
-    """Warm up each model, take the reference answers, run the levels."""
+def warm_up(name: str, base_url: str, args, models: list[str]) -> None:
+    """One short request per model: loads the backbone and the adapters."""
     from openai import OpenAI
 
-    warm = OpenAI(base_url=base_url, api_key=args.api_key, max_retries=5, timeout=3600)
+    client = OpenAI(base_url=base_url, api_key=args.api_key, max_retries=5, timeout=3600)
     started = time.perf_counter()
     for model in models:
-        one_request(warm, model, prompt(0, 0), 4)
+        one_request(client, model, prompt(0, 0), 4)
     print(f"{name}: warm-up (loads the model{'s' if len(models) > 1 else ''}) {time.perf_counter() - started:.1f} s",
           flush=True)
-    reference = reference_answers(base_url, args, models, levels) if check_answers else None
-    results = []
-    for clients in levels:
-        result = run_level(base_url, args, models, clients, reference)
-        results.append(result)
-        print(f"{name}: {clients:3d} client(s): {result['output_tokens_per_s']:8.1f} output tok/s, TTFT p50 "
-              f"{result['ttft_p50_s']:.2f} s, latency p50 {result['latency_p50_s']:.2f} s"
-              + (f", answers unchanged {result['answers_unchanged']}" if reference else ""), flush=True)
-    for result in results:
-        result["vs_1_client"] = result["output_tokens_per_s"] / results[0]["output_tokens_per_s"]
-    return {"server": name, "models": models, "levels": results}
+
+
+def median_level(runs: list[dict]) -> dict:
+    """One level's repeats as one: the median of each figure (the repeats kept under `repeats`)."""
+    merged = {"clients": runs[0]["clients"], "requests": runs[0]["requests"], "repeats": runs}
+    for key in ("output_tokens_per_s", "requests_per_s", "wall_s", "latency_p50_s", "latency_p90_s", "ttft_p50_s",
+                "ttft_p90_s"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        merged[key] = statistics.median(values) if values else None
+    unchanged = [run["answers_unchanged"] for run in runs if "answers_unchanged" in run]
+    if unchanged:
+        same = sum(int(u.split("/")[0]) for u in unchanged)
+        merged["answers_unchanged"] = f"{same}/{sum(int(u.split('/')[1]) for u in unchanged)}"
+    return merged
+
+
+def measure_all(servers: list[dict], args, levels: list[int]) -> list[dict]:
+    """Every level on every server, the servers taking turns at each level, `--repeats` times; medians."""
+    references = {server["name"]: reference_answers(server["url"], args, server["models"], levels)
+                  if not args.no_check else None for server in servers}
+    results = {server["name"]: {clients: [] for clients in levels} for server in servers}
+    for repeat in range(args.repeats):
+        for clients in levels:
+            for server in servers:
+                level = run_level(server["url"], args, server["models"], clients, references[server["name"]])
+                results[server["name"]][clients].append(level)
+                print(f"{server['name']} ({repeat + 1}/{args.repeats}): {clients:3d} client(s): "
+                      f"{level['output_tokens_per_s']:8.1f} output tok/s, TTFT p50 {level['ttft_p50_s']:.2f} s, "
+                      f"latency p50 {level['latency_p50_s']:.2f} s"
+                      + (f", answers unchanged {level['answers_unchanged']}" if "answers_unchanged" in level else ""),
+                      flush=True)
+    runs = []
+    for server in servers:
+        merged = [median_level(results[server["name"]][clients]) for clients in levels]
+        for level in merged:
+            level["vs_1_client"] = level["output_tokens_per_s"] / merged[0]["output_tokens_per_s"]
+        runs.append({"server": server["name"], "models": server["models"], "levels": merged})
+    return runs
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -273,6 +303,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels, comma-separated (the first is "
                         "the baseline)")
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
+    parser.add_argument("--repeats", type=int, default=3, help="times each level runs on each server, the servers "
+                        "taking turns (the table shows medians)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--max-batch-size", type=int, default=32, help="ftlab serve's server.max_batch_size")
     parser.add_argument("--backbone", default="smollm2-135m-instruct", help="a conf/backbone/ name (in-process server)")
@@ -295,24 +327,23 @@ def main() -> None:
 
     levels = [int(c) for c in args.clients.split(",")]
     models = [m for m in args.models.split(",") if m]
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="ftlab-bench-serve-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="ftlab-bench-serve-") as scratch, contextlib.ExitStack() as running:
+        servers = []
         if args.url:
-            runs.append(measure(args.url, args.url.rstrip("/"), args, models, levels, not args.no_check))
+            servers.append({"name": args.url, "url": args.url.rstrip("/"), "models": models})
         else:
             root = Path(scratch) / "root"
             models += train_jobs(args, root, args.train_jobs)
             base_url, stop = start_ftlab(args, root, Path(scratch) / "ftlab.log")
-            try:
-                runs.append(measure("ftlab", base_url, args, models, levels, not args.no_check))
-            finally:
-                stop()
+            running.callback(stop)
+            servers.append({"name": "ftlab", "url": base_url, "models": models})
             if not args.no_transformers:
                 base_url, name, stop = start_transformers(args, backbone_folder(args), Path(scratch) / "transformers.log")
-                try:
-                    runs.append(measure("transformers", base_url, args, [name], levels, not args.no_check))
-                finally:
-                    stop()
+                running.callback(stop)
+                servers.append({"name": "transformers", "url": base_url, "models": [name]})
+        for server in servers:
+            warm_up(server["name"], server["url"], args, server["models"])
+        runs = measure_all(servers, args, levels)
 
     from bench import environment  # the same machine and version record as the training bench
 
