@@ -129,6 +129,13 @@ def serve(cfg: DictConfig) -> int:
     return serve_main(cfg, _overrides())
 
 
+def grade(cfg: DictConfig) -> int:
+    """Run a grader over samples: grader=<grader.json> samples=<samples.jsonl> (as the graders API runs it)."""
+    from trainer.grading import grade_main
+
+    return grade_main(cfg)
+
+
 def jobs(args: list[str]) -> int:
     """List and inspect jobs: jobs list [limit=N after=ID] | show|events|checkpoints <job> [--json]."""
     from trainer.jobs import jobs_main
@@ -141,12 +148,12 @@ def _overrides() -> tuple[str, ...]:
 
 
 VERBS = {"train": train, "validate": validate, "estimate": estimate, "chat": chat, "complete": complete,
-         "eval": evaluate, "export": export, "jobs": jobs, "serve": serve}
+         "eval": evaluate, "export": export, "grade": grade, "jobs": jobs, "serve": serve}
 SETTINGS_VERBS = {"validate", "estimate"}  # check the job's settings first (train records the refusal in its job)
 NO_HYDRA = {"jobs"}  # plain argument parsing, no config composition
 USE_VERBS = {"chat", "complete", "eval", "export"}  # results go to the job's run dir, so no run dir of their own
-NO_RUN_DIR = USE_VERBS | {"serve"}  # write nothing of Hydra's own (the server's jobs have their run dirs)
-FREE_TEXT_KEYS = ("prompt=", "system=", "job=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra
+NO_RUN_DIR = USE_VERBS | {"serve", "grade"}  # write nothing of Hydra's own (the server's jobs have their run dirs)
+FREE_TEXT_KEYS = ("prompt=", "system=", "job=", "grader=", "samples=")  # values taken verbatim (commas, quotes, colons) and quoted for Hydra
 
 
 def _use_verb_args(args: list[str]) -> list[str]:

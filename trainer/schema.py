@@ -186,6 +186,17 @@ class ServerConfig:
 
 
 @dataclass
+class GradersConfig:
+    """Graders (`ftlab grade`, the graders API, reinforcement fine-tuning): what a python grader's process may
+    use, and the model behind `cosine` similarity."""
+
+    python_timeout_s: float = 30.0  # a python grader's call that takes longer scores 0 (python_grader_server_error)
+    python_memory_mb: int = 2048  # its process's memory limit (the hosted sandbox's: 2 GB)
+    python_disk_mb: int = 1024  # the largest file it may write (the hosted sandbox's: 1 GB)
+    embedding_model: Optional[str] = None  # a local folder (transformers) for text_similarity cosine; null: refused
+
+
+@dataclass
 class FtlabConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -209,11 +220,14 @@ class FtlabConfig:
     adapter: bool = True  # false: the job's backbone and chat template without its adapter (the "before" model)
     prompt: Optional[str] = None  # chat/complete: answer this one prompt and exit; null: interactive
     system: Optional[str] = None  # chat: a system message sent before the conversation
+    grader: Optional[str] = None  # grade: a grader JSON file (as the hosted API takes it)
+    samples: Optional[str] = None  # grade: a JSONL file of {"sample": <reply>, "item": {<fields>}}
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     # Serving (ftlab serve):
     server: ServerConfig = field(default_factory=ServerConfig)
+    graders: GradersConfig = field(default_factory=GradersConfig)
     executor: Any = None  # a _target_ node (conf/executor/): where the server's jobs run (local processes | Slurm)
 
 

@@ -126,7 +126,7 @@ def address_of(host: str, port: int) -> str:
 def create_app(server: Server, *, start: bool = True) -> FastAPI:
     """The app: the /v1 API (files, fine-tuning jobs, models, chat and completions) behind the key check, and
     the dashboard (pages at /, /jobs/<id>, /new, /playground, /files; its data under /ui/api, behind the key)."""
-    from trainer.serve import files_api, inference_api, jobs_api, models_api, ui
+    from trainer.serve import files_api, graders_api, inference_api, jobs_api, models_api, ui
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -142,7 +142,7 @@ def create_app(server: Server, *, start: bool = True) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
     install_error_handlers(app)
-    for module in (files_api, jobs_api, models_api, inference_api):
+    for module in (files_api, jobs_api, models_api, inference_api, graders_api):
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(text_only_json)])
     app.include_router(ui.router)
     app.add_middleware(BodyLimit, max_bytes=server.cfg.server.max_request_kb * 1024,

@@ -206,6 +206,25 @@ class ModelPool:
         request = Request(prompt_ids, sampling, target.tokenizer, target.stop_token_ids, adapter, constraint)
         return self.engine(target).submit(request, loop=loop)
 
+    def judge(self, model: str, messages: list[dict], sampling_params: dict):
+        """A model grader's judge (`trainer.graders.Judge`): `model` (a chat family or ft: model) answers the
+        messages, greedily unless `sampling_params` say otherwise; the caller's thread waits for the answer."""
+        from trainer.engine import Sampling
+        from trainer.graders import JudgeReply
+
+        target = self.target(model)
+        if not target.chat:
+            raise ModelNotFound(f"{model} is not a chat model: a model grader's judge must be one")
+        prompt_ids = target.encode_chat(messages)
+        room = target.context_length - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the grader's messages take {len(prompt_ids)} tokens, over {model}'s context")
+        sampling = Sampling(max_new_tokens=min(int(sampling_params.get("max_completions_tokens") or 256), room),
+                           temperature=float(sampling_params.get("temperature") or 0.0),
+                           top_p=float(sampling_params.get("top_p") or 1.0), seed=sampling_params.get("seed"))
+        (choice,) = self.submit(target, prompt_ids, sampling).result()
+        return JudgeReply(choice.text, len(prompt_ids), choice.n_tokens)
+
     def engine(self, target: Target):
         """The decoding engine of the target's backbone, loading the backbone the first time."""
         from trainer.engine import EngineClosed
