@@ -228,11 +228,11 @@ def test_compiled_layers_train_like_eager_ones(make_cfg, chat_files, tmp_path):
 
 
 def test_micro_batches_split_packed_rows_and_train_the_same(make_cfg, chat_files, tmp_path, monkeypatch):
-    import trainer.train
+    import trainer.methods.supervised
 
     rows_per_forward = []
-    forward = trainer.train.supervised_forward
-    monkeypatch.setattr(trainer.train, "supervised_forward",
+    forward = trainer.methods.supervised.supervised_forward  # the supervised method's forward, which the loop calls
+    monkeypatch.setattr(trainer.methods.supervised, "supervised_forward",
                         lambda model, batch: rows_per_forward.append(batch["input_ids"].size(0)) or forward(model, batch))
     losses, rows = {}, {}
     for micro in ["null", "1"]:

@@ -15,6 +15,8 @@ MAX_DEFAULT_EPOCHS = 25
 MAX_EPOCHS = 50
 MAX_BATCH_SIZE = 256
 MAX_LEARNING_RATE_MULTIPLIER = 10.0  # the hosted API says only "> 0"; 10x the tuned rate already diverges
+AUTO_BETA = 0.1  # DPO's beta at auto: the paper's and TRL's default
+MAX_BETA = 2.0  # the hosted API takes beta in (0, 2]
 
 
 def _positive(value, key: str, kind):
@@ -73,15 +75,33 @@ def resolve_learning_rate_multiplier(requested) -> float:
     return _positive(requested, "train.learning_rate_multiplier", float)
 
 
-def resolve_hyperparameters(train_cfg, n_examples: int, n_epochs: int) -> dict:
-    """The job's resolved hyperparameters, as recorded in job.json (`n_epochs` as the estimate resolved it)."""
+def resolve_beta(requested) -> float:
+    """DPO's `method.dpo.beta`: `auto` is 0.1; else a number in (0, 2], as the hosted API takes."""
+    if isinstance(requested, str) and requested.strip().lower() == "auto":
+        return AUTO_BETA
+    try:
+        beta = None if isinstance(requested, bool) else float(requested)
+    except (TypeError, ValueError):
+        beta = None
+    if beta is None or not math.isfinite(beta) or not 0 < beta <= MAX_BETA:
+        raise ValueError(f"method.dpo.beta={requested!r} is not valid — use `auto` (0.1) or a number above 0 and at "
+                         f"most {MAX_BETA:g} (e.g. method.dpo.beta=0.1)")
+    return beta
+
+
+def resolve_hyperparameters(train_cfg, n_examples: int, n_epochs: int, base_learning_rate: float | None = None,
+                            method_hyperparameters: dict | None = None) -> dict:
+    """The job's resolved hyperparameters, as recorded in job.json (`n_epochs` as the estimate resolved it); the
+    learning rate is the method's `base_learning_rate` (SFT's: train.base_learning_rate) times the multiplier,
+    and the method's own (DPO's beta) come after."""
     multiplier = resolve_learning_rate_multiplier(train_cfg.learning_rate_multiplier)
+    base = train_cfg.base_learning_rate if base_learning_rate is None else base_learning_rate
     return {
         "n_epochs": n_epochs,
         "batch_size": resolve_batch_size(train_cfg.batch_size, n_examples),
         "learning_rate_multiplier": multiplier,
-        "learning_rate": train_cfg.base_learning_rate * multiplier,
-    }
+        "learning_rate": base * multiplier,
+    } | (method_hyperparameters or {})
 
 
 SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -105,5 +125,7 @@ def check_job_settings(cfg) -> None:
         resolve_n_epochs(cfg.train.n_epochs, 1)
         resolve_batch_size(cfg.train.batch_size, 1)
         resolve_learning_rate_multiplier(cfg.train.learning_rate_multiplier)
+        if "method" in cfg:
+            resolve_beta(cfg.method.dpo.beta)
     except ValueError as error:
         raise SettingsError("invalid_hyperparameter", str(error)) from None

@@ -133,15 +133,17 @@ class EventLog:
 
 
 class ResultsTable:
-    """`results.csv` (step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy).
+    """`results.csv` (step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy), or another table
+    of per-step metrics with `columns` (step first, then one that every row has: a method's own, such as DPO's).
 
     Each step appends one line (O(1), like events.jsonl); the file is rewritten atomically only
     when this process first writes it and when a resume drops the rows past its checkpoint.
     Rewriting every step cost O(steps): 7 ms a step by step 5,000.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: list[str] = RESULT_COLUMNS):
         self.path = path
+        self.columns = list(columns)
         self.rows: list[dict] = []
         self._appending = False  # whether the file on disk holds exactly self.rows
 
@@ -153,25 +155,25 @@ class ResultsTable:
                 for row in csv.DictReader(handle):
                     try:
                         parsed = {column: float(row[column]) if row[column] not in ("", None) else ""
-                                  for column in RESULT_COLUMNS[1:]} | {"step": int(row["step"])}
+                                  for column in self.columns[1:]} | {"step": int(row["step"])}
                     except (KeyError, TypeError, ValueError):
                         continue  # a line cut short by a crash
                     in_order = not self.rows or parsed["step"] > self.rows[-1]["step"]
-                    if in_order and parsed["train_loss"] != "" and parsed["step"] <= until_step:
-                        self.rows.append({column: parsed[column] for column in RESULT_COLUMNS})
+                    if in_order and parsed[self.columns[1]] != "" and parsed["step"] <= until_step:
+                        self.rows.append({column: parsed[column] for column in self.columns})
         self._rewrite()
 
     def add(self, row: dict) -> None:
-        self.rows.append({column: row.get(column, "") for column in RESULT_COLUMNS})
+        self.rows.append({column: row.get(column, "") for column in self.columns})
         if not self._appending:
             self._rewrite()  # a fresh run dir, or one whose old rows this run replaces
             return
         with open(self.path, "a", encoding="utf-8", newline="") as handle:  # one short write: whole lines only
-            csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, lineterminator="\n").writerow(self.rows[-1])
+            csv.DictWriter(handle, fieldnames=self.columns, lineterminator="\n").writerow(self.rows[-1])
 
     def _rewrite(self) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         write_atomic(self.path, buffer.getvalue())

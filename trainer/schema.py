@@ -16,6 +16,12 @@ from omegaconf import MISSING
 class DataFormat(Enum):
     chat = "chat"  # {"messages": [...]}: gpt-3.5-turbo
     prompt_completion = "prompt_completion"  # {"prompt", "completion"}: babbage-002, davinci-002
+    preference = "preference"  # {"input", "preferred_output", "non_preferred_output"}: method=dpo on a chat family
+
+
+class MethodType(Enum):
+    supervised = "supervised"  # learn the assistant replies (SFT)
+    dpo = "dpo"  # learn to prefer one reply over another (Direct Preference Optimization)
 
 
 class Quantization(Enum):
@@ -84,6 +90,25 @@ class LoraConfig:
 
 
 @dataclass
+class DpoConfig:
+    """method=dpo: the hosted API's `method.dpo.hyperparameters` (beta) and ftlab's own DPO knobs."""
+
+    beta: Any = "auto"  # auto | float in (0, 2]: how far the policy may move from the reference (auto: 0.1)
+    base_learning_rate: float = 2.0e-4  # DPO's learning rate at learning_rate_multiplier 1 (README, Preference fine-tuning)
+    rpo_alpha: Optional[float] = None  # weight of an NLL term on the preferred output (TRL's rpo_alpha); null: plain DPO
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method: what the recipe optimises (conf/method/)."""
+
+    type: MethodType = MethodType.supervised
+    data_format: Optional[DataFormat] = None  # the files' format; null: the model family's (chat or prompt_completion)
+    objective: Any = MISSING  # a _target_ node (trainer.methods.*): the method's batches, loss and metrics
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+
+
+@dataclass
 class TrainConfig:
     n_epochs: Any = "auto"  # auto | int (hosted rule: auto targets 3, bounded by dataset size)
     batch_size: Any = "auto"  # auto | int, examples per optimizer step
@@ -101,7 +126,7 @@ class TrainConfig:
     fused_lora: bool = True  # the adapter's product added inside the projection's matmul; false: PEFT's own forward
     fused_rms_norm: bool = True  # torch's fused rms_norm for Llama/Mistral/Qwen norms; false: transformers' own
     fp32_hidden_states: bool = False  # residual stream in fp32 under bf16/fp16 weights; measured no better in bf16, 40% slower on GPU
-    micro_batch_size: Optional[int] = None  # rows per forward (gradient accumulation): examples, or packed rows
+    micro_batch_size: Optional[int] = None  # rows per forward (gradient accumulation): examples, or packed rows; DPO: pairs
     packing: bool = True  # each batch's examples end to end in rows of up to max_length tokens, block-diagonal mask
     max_grad_norm: float = 1.0
     eval_every: int = 10  # optimizer steps between validation passes
@@ -202,6 +227,7 @@ class FtlabConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     optim: Any = None  # a _partial_ _target_ node (conf/optim/): called with the LoRA parameters and lr

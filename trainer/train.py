@@ -27,14 +27,8 @@ from rich.progress import (
 )
 
 from trainer import checkpoints
-from trainer.data.cache import tokenize_file
 from trainer.data.jsonl import DataFileError, check_file
-from trainer.data.tokenize import (
-    IGNORE_INDEX,
-    TokenizedDataset,
-    batch_tokens,
-    batches_for_epoch,
-)
+from trainer.data.tokenize import TemplateError, batch_tokens
 from trainer.distributed import (
     ProcessGroup,
     clip_gradients,
@@ -48,12 +42,13 @@ from trainer.files import write_json
 from trainer.flops import flops_per_token, peak_flops
 from trainer.fused import fuse_rms_norms
 from trainer.hyperparams import SettingsError, check_job_settings, resolve_hyperparameters
-from trainer.loss import supervised_forward, validation_loss
+from trainer.methods import Batching, autocast
 from trainer.model import (
     add_lora,
     apply_liger_kernels,
     compile_decoder_layers,
     keep_cpu_memory_flat,
+    backbone_folder,
     liger_patches,
     load_base_model,
     load_tokenizer,
@@ -63,6 +58,7 @@ from trainer.paths import cache_dir
 from trainer.preflight import data_files
 from trainer.request import logger_options
 from trainer.plots import plot_losses
+from trainer.files import sha256_of
 from trainer.run import (
     HANDED_LOCK_ENV,
     EventLog,
@@ -118,6 +114,7 @@ class FineTuningJob:
         self.position = (0, 0)  # (epoch, batch index) of the next batch to train on
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.method_results: ResultsTable | None = None  # the method's own metrics (DPO's), beside results.csv
         self.job: Job | None = None  # each part exists once setup has built it (cleanup checks which)
         self.train_model = None
         self.logger = None
@@ -161,8 +158,15 @@ class FineTuningJob:
         self.runtime = resolve_runtime(cfg.train)
         if cfg.train.liger_kernel:
             liger_patches(self.runtime)  # fail before tokenizing and loading the model, not after
+        self.objective = instantiate(cfg.method.objective)  # the method: its batches, loss and metrics
+        if self.objective.results_file:
+            self.method_results = ResultsTable(self.run_dir / self.objective.results_file,
+                                               ["step", *self.objective.results_columns])
         self._setup_data()
         self._setup_model()
+        self.objective.prepare(self.model, [d for d in (self.train_data, self.valid_data) if d], self.batching,
+                               self._model_key(), self.runtime.device, self.runtime.dtype,
+                               self.hyperparameters["batch_size"])
         self._setup_optimizer()
         peak = peak_flops(self.runtime.device, self.runtime.dtype, cache_dir(cfg.cache_dir))
         self.peak_flops = peak * self.group.world_size if peak else None  # MFU's denominator: every rank's device
@@ -198,12 +202,16 @@ class FineTuningJob:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg)
         max_length = self.max_length = cfg.train.max_length or cfg.model.context_length
+        self.batching = Batching(cfg.train.seed, self.tokenizer.pad_token_id, cfg.train.packing, max_length,
+                                 (self.group.rank, self.group.world_size))
         chat = cfg.model.format == DataFormat.chat
         self.train_data = self._tokenize(self.train_path, chat, max_length)
         self.valid_data = self._tokenize(self.valid_path, chat, max_length) if self.valid_path else None
         try:
-            self.hyperparameters = resolve_hyperparameters(cfg.train, len(self.train_data.examples),
-                                                           n_epochs=self.estimate["n_epochs"])
+            self.hyperparameters = resolve_hyperparameters(
+                cfg.train, len(self.train_data.examples), n_epochs=self.estimate["n_epochs"],
+                base_learning_rate=self.objective.base_learning_rate,
+                method_hyperparameters=self.objective.hyperparameters)
         except ValueError as error:
             raise JobFailed("invalid_hyperparameter", str(error)) from None
         hp = self.hyperparameters
@@ -221,12 +229,14 @@ class FineTuningJob:
                   "dropped_lines": self.train_data.dropped_lines},
         )
 
-    def _tokenize(self, path: Path, chat: bool, max_length: int) -> TokenizedDataset:
+    def _tokenize(self, path: Path, chat: bool, max_length: int):
         cache = cache_dir(self.cfg.cache_dir) if self.cfg.data.cache_tokenized else None
         try:
-            dataset, cached = tokenize_file(path, self.tokenizer, chat, max_length, cache)
+            dataset, cached = self.objective.tokenize(path, self.tokenizer, chat, max_length, cache)
         except DataFileError as error:
             raise JobFailed(error.code, str(error)) from None
+        except TemplateError as error:
+            raise JobFailed("invalid_chat_template", str(error)) from None
         if cached:
             self.events.add(f"Tokenized {path.name}: read from the tokenization cache", data={"cached": True})
         return dataset
@@ -252,6 +262,19 @@ class FineTuningJob:
                         f"LoRA trains {trainable:,} of {total:,} parameters",
                         data={"trainable_parameters": trainable, "total_parameters": total})
 
+    def _model_key(self) -> str:
+        """What the model is before the first step (backbone files, starting adapter, precision and numerics):
+        computed things kept across processes, such as DPO's reference log-probs, are valid for this key."""
+        folder = Path(backbone_folder(self.cfg))
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+        adapter = Path(self.cfg.init_adapter) / "adapter_model.safetensors" if self.cfg.get("init_adapter") else None
+        parts = [OmegaConf.to_yaml(self.cfg.backbone), repr(files), sha256_of(adapter) if adapter else "",
+                 OmegaConf.to_yaml(self.cfg.lora), repr(self.runtime), str(self.model.config._attn_implementation),
+                 str(self.cfg.train.fused_rms_norm), str(self.cfg.train.liger_kernel), torch.__version__]
+        import hashlib
+
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
     def _setup_optimizer(self) -> None:
         params = self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = instantiate(self.cfg.optim)(params, lr=self.hyperparameters["learning_rate"])
@@ -274,9 +297,7 @@ class FineTuningJob:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, loss="-", tps="-", mfu="-")
             first_epoch, first_batch = self.position
             for epoch in range(first_epoch, hp["n_epochs"]):
-                batches = batches_for_epoch(self.train_data, hp["batch_size"], cfg.train.seed, epoch,
-                                            self.tokenizer.pad_token_id, packing=cfg.train.packing,
-                                            shard=(self.group.rank, self.group.world_size), row_length=self.max_length)
+                batches = self.objective.batches(self.train_data, hp["batch_size"], epoch, self.batching)
                 for batch_index, batch in enumerate(batches):
                     if epoch == first_epoch and batch_index < first_batch:
                         continue  # trained before the checkpoint this run resumed from
@@ -286,17 +307,19 @@ class FineTuningJob:
                     self.position = (epoch, batch_index + 1)
                     if metrics is None:
                         continue  # non-finite loss or gradient: step skipped, counted in events
-                    loss, accuracy = metrics
+                    loss = metrics["train_loss"]
                     self.step += 1
                     elapsed = time.perf_counter() - started
                     tokens_per_second = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                     speed = {"tokens_per_second": round(tokens_per_second, 1)}
                     if self.peak_flops:
                         speed["mfu"] = round(tokens_per_second * self.flops_per_token / self.peak_flops, 4)
-                    row = {"step": self.step, "train_loss": round(loss, 6), "train_accuracy": round(accuracy, 6)}
+                    row = {"step": self.step} | metrics
                     if self.valid_data and (self.step % cfg.train.eval_every == 0 or self.step == self.total_steps):
                         row |= self.evaluate()
                     self.results.add(row)
+                    if self.method_results is not None:
+                        self.method_results.add(row)
                     self.logger.log({k: v for k, v in row.items() if k != "step"} | speed, step=self.step)
                     self.events.add(f"Step {self.step}/{self.total_steps}: training loss={loss:.4f}", type="metrics",
                                     data=row | speed | {"total_steps": self.total_steps})
@@ -320,40 +343,37 @@ class FineTuningJob:
                 f"{valid}  {speed['tokens_per_second']:,.0f} tok/s"
                 + (f"  mfu {speed['mfu']:.1%}" if "mfu" in speed else "") + f"  eta {remaining:.0f}s")
 
-    def _optimizer_step(self, batch: dict) -> tuple[float, float] | None:
+    def _optimizer_step(self, batch: dict) -> dict | None:
         """Forward and backward over the batch (in micro-batches) and one optimizer step.
 
-        Returns the mean loss and token accuracy, or None when the loss or a gradient was not
-        finite: the step is skipped and counted; `train.max_nonfinite_steps` in a row fail the job.
+        Returns the step's metrics (the method's: train_loss, train_accuracy, …), or None when the loss or a
+        gradient was not finite: the step is skipped and counted; `train.max_nonfinite_steps` in a row fail the job.
         """
-        micro = self.cfg.train.micro_batch_size or batch["input_ids"].size(0)
-        local_supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         # Normalise by the global count; DDP averages gradients over ranks, so scale back up by world size.
-        n_supervised = int(sum_across(self.group, [local_supervised], self.runtime.device)[0])
-        loss_scale = self.group.world_size / max(n_supervised, 1)
-        loss_total, correct_total, tokens = 0.0, 0, 0
-        for start in range(0, batch["input_ids"].size(0), micro):
-            part = {k: v[start : start + micro].to(self.runtime.device) for k, v in batch.items()}
-            with torch.autocast(self.runtime.device, dtype=self.runtime.dtype,
-                                enabled=self.runtime.dtype != torch.float32):
-                loss_sum, _, correct = supervised_forward(self.train_model, part)
+        count = int(sum_across(self.group, [self.objective.count(batch)], self.runtime.device)[0])
+        loss_scale = self.group.world_size / max(count, 1)
+        totals, tokens = {}, 0
+        for part in self.objective.split(batch, self.cfg.train.micro_batch_size):
+            part = {key: value.to(self.runtime.device) for key, value in part.items()}
+            with autocast(self.runtime.device, self.runtime.dtype):
+                loss_sum, statistics = self.objective.forward(self.train_model, part)
             (loss_sum * loss_scale).backward()
-            loss_total += loss_sum.item()
-            correct_total += correct
+            for key, value in statistics.items():
+                totals[key] = totals.get(key, 0) + value
             tokens += batch_tokens(part)
-        loss_total, correct_total, tokens = sum_across(self.group, [loss_total, correct_total, tokens],
-                                                       self.runtime.device)
+        summed = sum_across(self.group, [*totals.values(), tokens], self.runtime.device)
+        totals, tokens = dict(zip(totals, summed[:-1])), summed[-1]
         grad_norm = clip_gradients(self.train_model, self.trainable_parameters, self.cfg.train.max_grad_norm)
-        if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+        if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            self._count_nonfinite(loss_total, float(grad_norm))
+            self._count_nonfinite(totals["loss"], float(grad_norm))
             return None
         self.nonfinite_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens_seen += int(tokens)
-        return loss_total / max(n_supervised, 1), correct_total / max(n_supervised, 1)
+        return self.objective.metrics(totals | {"count": count}, "train")
 
     def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
         self.nonfinite_in_a_row += 1
@@ -370,15 +390,13 @@ class FineTuningJob:
                             "instead of fp16")
 
     def evaluate(self) -> dict:
-        """Validation loss and mean token accuracy over the whole validation file."""
+        """The method's validation metrics over the whole validation file (SFT: loss and mean token accuracy)."""
         self.train_model.eval()
-        totals = validation_loss(self.train_model, self.valid_data, self.hyperparameters["batch_size"],
-                                 self.tokenizer.pad_token_id, self.runtime.device, self.runtime.dtype,
-                                 shard=(self.group.rank, self.group.world_size))
-        loss_total, supervised, correct = sum_across(self.group, list(totals), self.runtime.device)
+        totals = self.objective.evaluate(self.train_model, self.valid_data, self.hyperparameters["batch_size"],
+                                         self.batching, self.runtime.device, self.runtime.dtype)
+        totals = dict(zip(totals, sum_across(self.group, list(totals.values()), self.runtime.device)))
         self.train_model.train()
-        return {"valid_loss": round(loss_total / max(supervised, 1), 6),
-                "valid_mean_token_accuracy": round(correct / max(supervised, 1), 6)}
+        return self.objective.metrics(totals, "valid")
 
     # ---- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, epoch: int | None = None) -> Path:
@@ -430,6 +448,8 @@ class FineTuningJob:
             self.step, self.position = state["step"], tuple(state["position"])
             self.tokens_seen, self.nonfinite_total = state["tokens_seen"], state["nonfinite_total"]
             self.results.load(until_step=self.step)
+            if self.method_results is not None:
+                self.method_results.load(until_step=self.step)
             self.events.drop_metrics_after(self.step)
             self.events.add(f"Resumed from checkpoint {folder.name}", data={"step": self.step})
             return
