@@ -11,7 +11,8 @@ choices, a batch of one adapter), an indexed add where they are not. Rows of no 
 base projection alone.
 
 PEFT still loads, holds and unloads the adapters (`PeftModel.load_adapter`, `delete_adapter`);
-outside the engine's forwards (`plan.groups is None`) every layer runs PEFT's own forward.
+outside the engine's forwards (`plan.groups is None`) every layer runs the forward it had before
+(PEFT's own, or a training job's fused one: reinforcement fine-tuning samples from the policy it trains).
 """
 import types
 from typing import Optional, Union
@@ -36,8 +37,8 @@ class AdapterPlan:
 def grouped_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The base projection of every row, plus each planned adapter's LoRA term on its own rows."""
     groups = layer.ftlab_plan.groups
-    if groups is None or args or kwargs:
-        return type(layer).forward(layer, x, *args, **kwargs)
+    if groups is None or args or kwargs:  # outside the engine: the forward the layer had (PEFT's, or training's)
+        return layer.ftlab_outer_forward(x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
     result = layer.base_layer(flat)
     for name, rows in groups:
@@ -77,6 +78,9 @@ def install(model, plan: AdapterPlan) -> int:
     """Give every LoRA projection of `model` the grouped forward, reading `plan`; returns how many (idempotent)."""
     layers = _lora_layers(model)
     for layer in layers:
+        if getattr(layer, "ftlab_plan", None) is None:  # keep what it ran before (a training job's fused forward)
+            previous = layer.__dict__.get("forward")
+            layer.ftlab_outer_forward = previous or types.MethodType(type(layer).forward, layer)
         layer.ftlab_plan = plan
         layer.forward = types.MethodType(grouped_lora_forward, layer)
     return len(layers)
