@@ -4,18 +4,20 @@
     generation = engine.submit(Request(prompt_ids, Sampling(max_new_tokens=64), tokenizer, stop_ids))
     for delta in generation: ...          # or `async for`, or generation.result()
 
-A thread of its own runs the model. Each turn of its loop:
+A thread of its own runs the model (or, for `generate`, the caller's thread). Each turn of its loop:
 
 1. **admits** waiting requests, oldest first, while the batch has room for their `n` choices
    (continuous batching: a request joins the running batch at the next step);
-2. **prefills** them: their prompts, left-padded to one width, in one forward per
-   `max_prefill_tokens`; each prompt is computed once and its KV copied to its other choices'
-   slots (`cache.SlotCache`), and each choice samples its first token;
+2. **prefills** them: their prompts, left-padded to one width, in forwards of at most
+   `max_prefill_tokens` positions; a prefix shared with a running row (or with another admitted
+   request) is copied rather than computed, each prompt is computed once and its KV copied to
+   its other choices' slots (`cache.SlotCache`), and each choice samples its first token;
 3. **decodes** one token for every row in a single forward of the backbone: each row at its own
    position in its own KV slot, with its own adapter (`lora.AdapterPlan`: rows of different
    adapters and base rows share the forward) and its own sampling (`sampling.choose_tokens`);
 4. **retires** finished rows at once (a stop token, a stop string, `max_new_tokens`, or a
-   cancelled request), freeing their slots for the next admission.
+   cancelled request), freeing their slots for the next admission. The rows of one adapter stay
+   next to each other in the batch, so that its LoRA term is one slice of each projection.
 
 Each request streams `Delta`s as its tokens come; a request whose consumer goes away is
 cancelled and frees its rows at the next step. `submit` refuses with `QueueFull` when
