@@ -52,6 +52,23 @@ def chat_files(tmp_path):
     return train, valid
 
 
+def saved_adapter(cfg, folder: Path, std: float = 1.0):
+    """A LoRA adapter on the tiny Llama whose B weights are random (a fresh one's are zero and change nothing),
+    saved in `folder`; returns the PEFT model."""
+    import torch
+
+    from trainer.model import add_lora, load_base_model, resolve_runtime
+
+    runtime = resolve_runtime(cfg.train)
+    model = add_lora(load_base_model(cfg, runtime), cfg, runtime)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std)
+    model.save_pretrained(folder)
+    return model
+
+
 def kill_after_checkpoint(victim, run_dir: Path, pattern: str, timeout: float) -> None:
     """SIGKILL a training process as soon as `run_dir/checkpoints/<pattern>` exists (or after `timeout` s)."""
     import signal

@@ -213,6 +213,63 @@ def test_create_a_job_and_watch_it_finish(page, served, http, files):
     expect(page.locator("#jobs tbody tr")).to_have_count(len(api_ids))
 
 
+def test_new_reinforcement_job_validates_and_tries_its_grader(page, served, http, tmp_path):
+    line = lambda i: {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)}  # noqa: E731
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [line(i) for i in range(10)])
+    held = write_jsonl(tmp_path / "held.jsonl", [line(i) for i in range(3)])
+    page.goto(f"{served[0]}/new")
+    page.set_input_files("#train-input", str(prompts))
+    expect(page.locator("#method")).to_have_value("reinforcement")  # from the file's first line
+    expect(page.locator("#verdict")).to_contain_text("10 valid example(s)")
+    expect(page.locator("#grader-box")).to_be_visible()
+    page.fill("#grader", '{"type": "string_check", "name": "right", "operation": "ilike", '
+                         '"input": "{{sample.output_text}}", "reference": "{{item.answer}}"}')
+    page.click("#grader-validate")
+    expect(page.locator("#grader-result")).to_have_text("The grader is valid.")
+    page.fill("#grader-sample", "It is 0.")
+    page.click("#grader-try")
+    expect(page.locator("#grader-result")).to_contain_text("reward 1")
+    page.set_input_files("#validation-input", str(held))
+    expect(page.locator("#estimate")).to_contain_text("Validation tokens (not billed)")
+    page.fill("#n_epochs", "1")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/ftjob-"))
+    job = http.get(f"/v1/fine_tuning/jobs/{page.url.rsplit('/', 1)[1]}").json()
+    assert job["method"]["type"] == "reinforcement" and job["method"]["reinforcement"]["grader"]["name"] == "right"
+    assert job["method"]["reinforcement"]["hyperparameters"]["n_epochs"] == 1
+    page.goto(f"{served[0]}/new")
+    page.set_input_files("#train-input", str(prompts))
+    expect(page.locator("#verdict")).to_contain_text("10 valid example(s)")
+    page.select_option("#method", "supervised")
+    expect(page.locator("#report")).to_contain_text("example_missing_assistant_message")
+    expect(page.locator("#grader-box")).to_be_hidden()
+
+
+def test_a_reinforcement_job_page_charts_rewards_and_shows_sampled_answers(page, served, http, tmp_path):
+    line = lambda i: {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)}  # noqa: E731
+    ids = []
+    for name, rows in (("prompts.jsonl", [line(i) for i in range(10)]), ("held.jsonl", [line(i) for i in range(3)])):
+        with open(write_jsonl(tmp_path / name, rows), "rb") as handle:
+            ids.append(http.post("/v1/files", files={"file": (name, handle)}, data={"purpose": "fine-tune"}).json()["id"])
+    grader = {"type": "string_check", "name": "right", "operation": "ilike", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}"}
+    job = http.post("/v1/fine_tuning/jobs", json={
+        "model": "gpt-3.5-turbo", "training_file": ids[0], "validation_file": ids[1],
+        "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+            "n_epochs": 1, "batch_size": 5, "eval_interval": 1, "compute_multiplier": 0.25}}}}).json()
+    assert wait_job(http, job["id"])["status"] == "succeeded"
+    page.goto(f"{served[0]}/jobs/{job['id']}")
+    expect(page.locator("#rewards-panel")).to_be_visible()
+    training = page.locator('#reward-chart path.line[data-series="training reward_mean"]')
+    expect(training).to_have_attribute("d", re.compile(r"^M[\d.]+,[\d.]+L[\d.]+,[\d.]+$"))  # two steps
+    expect(page.locator('#length-chart path.line[data-series="validation completion_tokens"]')).to_have_attribute(
+        "d", re.compile("^M"))
+    expect(page.locator("#samples tbody tr")).not_to_have_count(0)
+    expect(page.locator("#samples tbody tr").first).to_contain_text("What is 0 + 0?")
+    expect(page.locator("#accuracy-chart")).to_be_hidden()  # its column holds the mean reward, charted above
+    expect(page.locator("#reward-facts")).to_contain_text("Grader errors")
+
+
 def test_pause_resume_and_cancel_from_the_job_page(page, served, http, files):
     base, _ = served
     with open(files["good"], "rb") as handle:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import write_jsonl
+from tests.conftest import saved_adapter, write_jsonl
 from trainer.jobs import JobRef, list_checkpoints
 from trainer.run import RESULT_COLUMNS
 from trainer.train import FineTuningJob, run_training
@@ -265,12 +265,7 @@ def test_init_adapter_continues_from_a_saved_adapter(make_cfg, tmp_path):
 
     cfg = make_cfg()
     runtime = resolve_runtime(cfg.train)
-    parent = add_lora(load_base_model(cfg, runtime), cfg, runtime)
-    with torch.no_grad():
-        for name, parameter in parent.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()  # a fresh adapter's B is zero: make it tell
-    parent.save_pretrained(tmp_path / "adapter")
+    parent = saved_adapter(cfg, tmp_path / "adapter")
     child = add_lora(load_base_model(cfg, runtime), make_cfg(f"init_adapter={tmp_path / 'adapter'}"), runtime)
     expected = {n: p for n, p in parent.named_parameters() if "lora_" in n}
     got = {n: p for n, p in child.named_parameters() if "lora_" in n}

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from trainer.data.tokens import count_example_tokens, get_encoding
+from trainer.data.tokens import count_example_tokens, file_format, get_encoding
 from trainer.flops import GPU_PEAK_FLOPS, flops_per_token
 from trainer.hyperparams import resolve_n_epochs
 
@@ -137,8 +137,8 @@ def estimate_from_token_counts(
         "billed_tokens_per_epoch": billed_tokens_per_epoch,
         "n_epochs": n_epochs,
         "billed_tokens": billed_tokens,
-        "training_price_per_1k": float(row.training),
-        "training_cost_usd": billed_tokens / 1000 * float(row.training),
+        "training_price_per_1k": None if row.training is None else float(row.training),
+        "training_cost_usd": None if row.training is None else billed_tokens / 1000 * float(row.training),
         "fine_tuned_input_per_1k": float(row.input),
         "fine_tuned_output_per_1k": float(row.output),
         "base_input_per_1k": None if row.base_input is None else float(row.base_input),
@@ -148,13 +148,40 @@ def estimate_from_token_counts(
         counts = list(validation_token_counts)
         estimate["validation_examples"] = len(counts)
         estimate["validation_tokens"] = sum(min(context_length, t) for t in counts)  # not billed
-    estimate["local"] = estimate_local(cfg, billed_tokens)
+    if file_format(cfg).value == "reinforcement":
+        estimate |= rollout_estimate(cfg, n_examples, total_tokens, n_epochs)
+    else:
+        estimate["local"] = estimate_local(cfg, billed_tokens)
+    per_hour = row.get("training_per_hour") if hasattr(row, "get") else None
+    if per_hour:  # billed by the hour (reinforcement fine-tuning): the hosted rate over this machine's time
+        estimate["training_price_per_hour"] = float(per_hour)
+        wall = estimate["local"].get("wall_time_s")
+        estimate["training_cost_usd"] = None if wall is None else wall / 3600 * float(per_hour)
+        estimate["training_cost_basis"] = ("approximate: the hosted price per hour of training times this machine's "
+                                           "estimated time (OpenAI bills the hours its own hardware takes, and the "
+                                           "grader models' tokens besides)")
     return estimate
+
+
+def rollout_estimate(cfg, n_examples: int, prompt_tokens: int, n_epochs: int) -> dict:
+    """A reinforcement job's work: every prompt sampled G times a epoch, each reply up to max_new_tokens, each
+    sample decoded once and trained on once (so timed as twice its tokens). Approximate: replies end early."""
+    from trainer.methods.reinforcement import REASONING_EFFORTS, resolve_settings
+
+    settings = cfg.method.reinforcement
+    resolved = resolve_settings(settings.compute_multiplier, settings.eval_interval, settings.eval_samples,
+                                settings.reasoning_effort, settings.group_size, cfg.train.eval_every)
+    samples = n_examples * n_epochs * resolved["samples_per_prompt"]
+    reply = round(int(settings.max_new_tokens) * REASONING_EFFORTS[resolved["reasoning_effort"]])
+    sampled_tokens = samples * reply + prompt_tokens * n_epochs * resolved["samples_per_prompt"]
+    return {"samples": samples, "samples_per_prompt": resolved["samples_per_prompt"],
+            "max_reply_tokens": reply, "sampled_tokens_max": sampled_tokens,
+            "local": estimate_local(cfg, 2 * sampled_tokens) | {"note": "approximate: replies may end early"}}
 
 
 def estimate_job(cfg, examples: list, *, n_epochs: Optional[int] = None) -> dict:
     """The estimate.json content for a list of training examples (dicts)."""
     encoding = get_encoding(cfg.model.encoding)
-    fmt = cfg.model.format
+    fmt = file_format(cfg)
     counts = [count_example_tokens(example, fmt, encoding) for example in examples]
     return estimate_from_token_counts(cfg, counts, n_epochs=n_epochs)

@@ -115,12 +115,26 @@ class SettingsError(ValueError):
         self.code = code
 
 
-def check_job_settings(cfg) -> None:
-    """Refuse a bad `suffix` or hyperparameter at the start of a verb, before files or models are read."""
+def _value(setting):
+    """An enum setting's value (the config holds enums, a plain dict holds strings)."""
+    return getattr(setting, "value", setting)
+
+
+def check_job_settings(cfg, request=None) -> None:
+    """Refuse a bad `suffix` or hyperparameter at the start of a verb, before files or models are read.
+
+    `request`: the job's request record (`trainer.request.JobRequest`) when the server is creating it; a job the
+    server runs reads its record from `cfg.request`."""
     suffix = cfg.get("suffix")
     if suffix is not None and not SUFFIX.fullmatch(str(suffix)):
         raise SettingsError("invalid_suffix", f"suffix={suffix!r} is not valid: up to 64 letters, digits, '-', '_' "
                                               "or '.' (it becomes part of the model name ft:<model>:<org>:<suffix>:<id>)")
+    method = cfg.get("method")
+    if method is not None and _value(method.data_format) in ("preference", "reinforcement") \
+            and _value(cfg.model.format) != "chat":
+        raise SettingsError("invalid_method", f"method={_value(method.type)} trains chat families, and "
+                            f"model={cfg.model.name} takes prompt/completion examples: choose a chat family "
+                            "(e.g. model=gpt-4.1-mini-2025-04-14)")
     try:
         resolve_n_epochs(cfg.train.n_epochs, 1)
         resolve_batch_size(cfg.train.batch_size, 1)
@@ -129,3 +143,32 @@ def check_job_settings(cfg) -> None:
             resolve_beta(cfg.method.dpo.beta)
     except ValueError as error:
         raise SettingsError("invalid_hyperparameter", str(error)) from None
+    if method is not None and _value(method.type) == "reinforcement":
+        check_reinforcement(cfg, request)
+
+
+def check_reinforcement(cfg, request=None) -> None:
+    """method=reinforcement: a validation file (the hosted rule), hyperparameters that resolve, a grader that validates
+    (the request's, validated when the server created the job, else the configured one)."""
+    from trainer.graders import Settings
+    from trainer.methods import MethodError
+    from trainer.methods.reinforcement import read_grader, resolve_settings
+    from trainer.request import read_request
+
+    if not cfg.data.get("validation_file"):
+        raise SettingsError("invalid_validation_file", "method=reinforcement needs a validation file, as the hosted "
+                            "API does: set data.validation_file=<prompts.jsonl> (its prompts are scored as it trains)")
+    settings = cfg.method.reinforcement
+    try:
+        resolve_settings(settings.compute_multiplier, settings.eval_interval, settings.eval_samples,
+                         settings.reasoning_effort, settings.group_size, cfg.train.eval_every)
+        request = request or (read_request(cfg.request) if cfg.get("request") else None)
+        if request is not None and request.grader is not None:
+            return
+        grader = settings.grader or cfg.data.get("grader")
+        if not grader:
+            raise MethodError("invalid_grader", "method=reinforcement needs a grader: method.reinforcement.grader="
+                                                "<grader.json> (the hosted API's grader object, as JSON)")
+        read_grader(grader, Settings.from_config(cfg.graders))
+    except MethodError as error:
+        raise SettingsError(error.code, str(error)) from None

@@ -110,7 +110,7 @@ def run_validate(cfg, run_dir: Path, console: Console, files: Optional[dict] = N
     readers = {kind: FileScreen(screen) for kind in files} if screening else {}
     with _progress(console) as progress:  # one pass over each file: the checks and the content screen
         tasks = {kind: progress.add_task(f"validate {kind}", total=_size(path)) for kind, path in files.items()}
-        report = validate_files(files, cfg.model.format, encoding, cfg.model.context_length,
+        report = validate_files(files, tokens.file_format(cfg), encoding, cfg.model.context_length,
                                 on_bytes=lambda kind, n: progress.update(tasks[kind], completed=n),
                                 on_example=(lambda kind, line, example: readers[kind].add(line, example))
                                 if screening else None)
@@ -191,7 +191,8 @@ def print_report(report: ValidationReport, console: Console) -> None:
             continue
         s = f.stats()
         for key in ("messages_per_example", "total_tokens_per_example", "assistant_tokens_per_example",
-                    "completion_tokens_per_example"):
+                    "completion_tokens_per_example", "prompt_tokens_per_example", "preferred_tokens_per_example",
+                    "non_preferred_tokens_per_example"):
             d = s.get(key)
             if d:
                 stats.add_row(f.kind, key, *(f"{d[k]:.0f}" if k in ("min", "max") else f"{d[k]:.1f}"
@@ -219,7 +220,7 @@ def count_file_tokens(path: Path, cfg, console: Console, *, skip_lines: frozense
     from trainer.data.tools import uses_functions
 
     encoding = tokens.get_encoding(cfg.model.encoding)
-    fmt = tokens.as_format(cfg.model.format)
+    fmt = tokens.file_format(cfg)
     counts, n_bad = [], 0
     with _progress(console) as progress:
         task = progress.add_task(f"count {Path(path).name}", total=_size(Path(path)))
@@ -267,12 +268,14 @@ def run_estimate(cfg, run_dir: Path, console: Console, report: Optional[Validati
     estimate["training_file"] = str(files["train"])
     if n_bad:
         estimate["n_unparseable_lines"] = n_bad
+    if tokens.file_format(cfg).value == "preference":  # OpenAI has not published how it counts a pair
+        estimate["pair_tokens"] = "approximate: each pair's input once plus both outputs, billed as training tokens"
     if n_with_functions:  # OpenAI has not published how it counts functions: the cookbook's approximation
         estimate["n_examples_with_functions"] = n_with_functions
         estimate["function_tokens"] = "approximate (OpenAI cookbook, num_tokens_for_tools)"
     budget = cfg.train.get("max_cost_usd")
     estimate["max_cost_usd"] = budget
-    estimate["over_budget"] = budget is not None and estimate["training_cost_usd"] > float(budget)
+    estimate["over_budget"] = budget is not None and (estimate["training_cost_usd"] or 0) > float(budget)
     write_json(run_dir / "estimate.json", estimate)
     print_estimate(estimate, console)
     return estimate
@@ -296,7 +299,9 @@ def print_estimate(estimate: dict, console: Console) -> None:
         ("billed tokens per epoch", f"{estimate['billed_tokens_per_epoch']:,}"),
         ("epochs", str(estimate["n_epochs"])),
         ("billed tokens", f"{estimate['billed_tokens']:,}"),
-        (f"hosted training cost (${estimate['training_price_per_1k']}/1K)", f"${estimate['training_cost_usd']:.4f}"),
+        (f"hosted training cost (${estimate['training_price_per_hour']:g}/hour × local time*)"
+         if estimate.get("training_price_per_hour") else f"hosted training cost (${estimate['training_price_per_1k']}/1K)",
+         "-" if estimate["training_cost_usd"] is None else f"${estimate['training_cost_usd']:.4f}"),
         ("fine-tuned usage, input / output per 1K", f"${estimate['fine_tuned_input_per_1k']} / ${estimate['fine_tuned_output_per_1k']}"),
     ]
     if "validation_tokens" in estimate:
@@ -315,6 +320,14 @@ def print_estimate(estimate: dict, console: Console) -> None:
     for label, value in rows:
         table.add_row(Text(label), Text(value))
     console.print(table)
+    if estimate.get("samples"):
+        console.print(f"reinforcement: {estimate['samples']:,} sampled replies ({estimate['samples_per_prompt']} per "
+                      f"prompt, up to {estimate['max_reply_tokens']} tokens each); local time approximate",
+                      highlight=False)
+    if estimate.get("training_cost_basis"):
+        console.print(f"* {estimate['training_cost_basis']}", highlight=False)
+    if estimate.get("pair_tokens"):
+        console.print(f"preference pairs: {estimate['pair_tokens']}", highlight=False)
     if estimate.get("n_examples_with_functions"):
         console.print("* function definitions and calls are counted with the OpenAI cookbook's approximation "
                       "(num_tokens_for_tools); OpenAI has not published its formula, so billed tokens and cost "

@@ -21,6 +21,9 @@ from trainer.files import write_json
 
 REQUEST_FILE = "request.json"
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+METHOD_HYPERPARAMETERS = {"supervised": (), "dpo": ("beta",),
+                          "reinforcement": ("eval_interval", "eval_samples", "compute_multiplier", "reasoning_effort")}
+WORDS = ("auto", "default", "low", "medium", "high")  # the words a method hyperparameter may be
 
 
 class RequestError(ValueError):
@@ -41,6 +44,9 @@ class JobRequest:
     hyperparameters: dict = field(default_factory=dict)  # n_epochs, batch_size, learning_rate_multiplier: auto | number
     init_adapter: Optional[str] = None  # the adapter folder of the ft: model it continues from
     wandb: Optional[dict] = None  # {project, name, tags}: the logger's arguments, as the client wrote them
+    method: str = "supervised"  # the hosted API's method.type: supervised | dpo | reinforcement
+    method_hyperparameters: dict = field(default_factory=dict)  # the method's own: beta; compute_multiplier, …
+    grader: Optional[dict] = None  # method=reinforcement: the grader object, validated at create
     metadata: dict = field(default_factory=dict)  # records only
 
     def __post_init__(self):
@@ -77,6 +83,15 @@ def _check(request: JobRequest) -> None:
         tags = request.wandb.get("tags") or []
         if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
             raise RequestError("wandb.tags must be a list of text")
+    if request.method not in METHOD_HYPERPARAMETERS:
+        raise RequestError(f"method={request.method!r}: expected one of {', '.join(METHOD_HYPERPARAMETERS)}")
+    for key, value in request.method_hyperparameters.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key not in METHOD_HYPERPARAMETERS[request.method] or not (value in WORDS or number):
+            raise RequestError(f"method.{request.method}.hyperparameters.{key}={value!r}: expected one of "
+                               f"{METHOD_HYPERPARAMETERS[request.method]}, auto or a number")
+    if request.grader is not None and not isinstance(request.grader, dict):
+        raise RequestError("grader must be a JSON object")
     if not isinstance(request.metadata, dict) or not all(isinstance(v, str) for v in request.metadata.values()):
         raise RequestError("metadata must map text to text")
 
@@ -110,6 +125,8 @@ def apply_request(cfg, request: JobRequest):
         cfg.train[key] = value
     if request.init_adapter is not None:
         cfg.init_adapter = literal(request.init_adapter)
+    for key, value in request.method_hyperparameters.items():  # checked: auto, a number or an effort's name
+        cfg.method[request.method][key] = value
     return cfg
 
 

@@ -17,11 +17,13 @@ class DataFormat(Enum):
     chat = "chat"  # {"messages": [...]}: gpt-3.5-turbo
     prompt_completion = "prompt_completion"  # {"prompt", "completion"}: babbage-002, davinci-002
     preference = "preference"  # {"input", "preferred_output", "non_preferred_output"}: method=dpo on a chat family
+    reinforcement = "reinforcement"  # {"messages": [..., user], <item fields>}: method=reinforcement, graded samples
 
 
 class MethodType(Enum):
     supervised = "supervised"  # learn the assistant replies (SFT)
     dpo = "dpo"  # learn to prefer one reply over another (Direct Preference Optimization)
+    reinforcement = "reinforcement"  # learn from a grader's rewards on sampled replies (GRPO)
 
 
 class Quantization(Enum):
@@ -79,6 +81,7 @@ class DataConfig:
     validation_file: Optional[str] = None
     task: Optional[str] = None  # which task metrics eval reports: json | terse | tone | null
     cache_tokenized: bool = True  # tokenize each file once (per tokenizer and max_length), kept in cache_dir/tokenized
+    grader: Optional[str] = None  # method=reinforcement: the grader these files ship with (a JSON file, sample:// too)
 
 
 @dataclass
@@ -99,6 +102,24 @@ class DpoConfig:
 
 
 @dataclass
+class ReinforcementConfig:
+    """method=reinforcement: the hosted API's `method.reinforcement` (grader, hyperparameters) and ftlab's own knobs."""
+
+    grader: Optional[str] = None  # a grader JSON file, or the grader as JSON text (as the API takes it); null: data.grader
+    compute_multiplier: Any = "auto"  # auto (1.0) | float: samples per prompt = round(group_size × it), at least 2
+    eval_interval: Any = "auto"  # auto | int: steps between validation scorings (auto: train.eval_every)
+    eval_samples: Any = "auto"  # auto | int: validation prompts scored at each evaluation (auto: all, up to 64)
+    reasoning_effort: str = "default"  # default | low | medium | high: scales the reply budget (README)
+    group_size: int = 8  # samples per prompt at compute_multiplier 1 (GRPO's G)
+    max_new_tokens: int = 64  # a sampled reply's budget at reasoning_effort medium/default
+    temperature: float = 1.0  # sampling temperature of the training rollouts (validation is greedy)
+    top_p: float = 1.0
+    clip_epsilon: float = 0.2  # the clipped policy-gradient loss's ε
+    kl_coef: float = 0.0  # weight of a KL term to the reference (the adapter disabled); 0: none, no reference pass
+    base_learning_rate: float = 2.0e-4  # at learning_rate_multiplier 1 (README, Reinforcement fine-tuning)
+
+
+@dataclass
 class MethodConfig:
     """The fine-tuning method: what the recipe optimises (conf/method/)."""
 
@@ -106,6 +127,7 @@ class MethodConfig:
     data_format: Optional[DataFormat] = None  # the files' format; null: the model family's (chat or prompt_completion)
     objective: Any = MISSING  # a _target_ node (trainer.methods.*): the method's batches, loss and metrics
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    reinforcement: ReinforcementConfig = field(default_factory=ReinforcementConfig)
 
 
 @dataclass
@@ -139,7 +161,8 @@ class TrainConfig:
 
 @dataclass
 class PriceRow:
-    training: float = MISSING  # USD per 1K training tokens
+    training: Optional[float] = MISSING  # USD per 1K training tokens (null for a family billed by the hour)
+    training_per_hour: Optional[float] = None  # USD per hour of training (reinforcement fine-tuning's hosted rule)
     input: float = MISSING  # USD per 1K input tokens, fine-tuned model
     output: float = MISSING  # USD per 1K output tokens, fine-tuned model
     base_input: Optional[float] = None  # USD per 1K input tokens, base model

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -42,7 +43,7 @@ from trainer.files import write_json
 from trainer.flops import flops_per_token, peak_flops
 from trainer.fused import fuse_rms_norms
 from trainer.hyperparams import SettingsError, check_job_settings, resolve_hyperparameters
-from trainer.methods import Batching, autocast
+from trainer.methods import Batching, MethodError, autocast
 from trainer.model import (
     add_lora,
     apply_liger_kernels,
@@ -73,6 +74,9 @@ from trainer.schema import DataFormat
 
 class JobCancelled(Exception):
     """Raised by the SIGTERM handler (and stands in for Ctrl-C) to stop a job cleanly."""
+
+
+SHORT_NAMES = {"valid_mean_token_accuracy": "valid_acc"}  # in the progress line
 
 
 class JobFailed(Exception):
@@ -158,7 +162,15 @@ class FineTuningJob:
         self.runtime = resolve_runtime(cfg.train)
         if cfg.train.liger_kernel:
             liger_patches(self.runtime)  # fail before tokenizing and loading the model, not after
-        self.objective = instantiate(cfg.method.objective)  # the method: its batches, loss and metrics
+        try:
+            self.objective = instantiate(cfg.method.objective)  # the method: its batches, loss and metrics
+        except InstantiationException as error:
+            cause = error.__cause__ if isinstance(error.__cause__, MethodError) else None
+            if cause is None:
+                raise
+            raise JobFailed(cause.code, str(cause)) from None
+        self.objective.events = self.events  # a method may record events of its own (RFT: sampled answers)
+        self.eval_every = getattr(self.objective, "eval_interval", None) or cfg.train.eval_every
         if self.objective.results_file:
             self.method_results = ResultsTable(self.run_dir / self.objective.results_file,
                                                ["step", *self.objective.results_columns])
@@ -315,7 +327,9 @@ class FineTuningJob:
                     if self.peak_flops:
                         speed["mfu"] = round(tokens_per_second * self.flops_per_token / self.peak_flops, 4)
                     row = {"step": self.step} | metrics
-                    if self.valid_data and (self.step % cfg.train.eval_every == 0 or self.step == self.total_steps):
+                    validated = bool(self.valid_data) and (self.step % self.eval_every == 0
+                                                           or self.step == self.total_steps)
+                    if validated:
                         row |= self.evaluate()
                     self.results.add(row)
                     if self.method_results is not None:
@@ -325,7 +339,7 @@ class FineTuningJob:
                                     data=row | speed | {"total_steps": self.total_steps})
                     progress.update(task, advance=1, loss=f"{loss:.4f}", tps=f"{tokens_per_second:,.0f}",
                                     mfu=f"{speed['mfu']:.1%}" if "mfu" in speed else "-")
-                    if "valid_loss" in row or not self.console.is_terminal and self.step % cfg.train.eval_every == 0:
+                    if validated or not self.console.is_terminal and self.step % self.eval_every == 0:
                         progress.console.print(self._progress_line(row, speed, elapsed))
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
@@ -337,8 +351,8 @@ class FineTuningJob:
 
     def _progress_line(self, row: dict, speed: dict, elapsed: float) -> str:
         remaining = elapsed / max(self.step, 1) * (self.total_steps - self.step)
-        valid = (f"  valid_loss {row['valid_loss']:.4f}  valid_acc {row['valid_mean_token_accuracy']:.3f}"
-                 if "valid_loss" in row else "")
+        valid = "".join(f"  {SHORT_NAMES.get(key, key)} {value:.{4 if 'loss' in key else 3}f}"
+                        for key, value in row.items() if key.startswith("valid_") and isinstance(value, float))
         return (f"step {self.step}/{self.total_steps}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}"
                 f"{valid}  {speed['tokens_per_second']:,.0f} tok/s"
                 + (f"  mfu {speed['mfu']:.1%}" if "mfu" in speed else "") + f"  eta {remaining:.0f}s")

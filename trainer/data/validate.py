@@ -11,6 +11,13 @@ Function calling (both formats, see `trainer.data.tools`) is checked too: declar
 `arguments` holding a JSON object, every `tool` result must answer an earlier call, and one example
 may not mix the formats (errors); arguments that break the declared JSON schema are warnings.
 
+Preference lines (method=dpo, `DataFormat.preference`) are checked as the hosted service checks
+them: `input` holds `messages` (and optionally `tools`, `parallel_tool_calls`) that do not end with
+an assistant message, `preferred_output` and `non_preferred_output` each hold exactly one assistant
+message, and nothing else is allowed; each output is then checked with the chat rules as the reply
+to the input. Identical outputs are a warning. A line in the other method's format is an error
+(`wrong_format`) that names the format the job expects.
+
 Every issue carries file, line, code and a one-line message that ends with how to fix it.
 """
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from trainer.data.tokens import as_format, count_assistant_tokens, count_example_tokens
+from trainer.data.tokens import as_format, count_assistant_tokens, count_example_tokens, count_pair_tokens
 from trainer.data.tools import message_calls, parse_arguments, uses_functions
 from trainer.data.jsonl import FIXES as LINE_FIXES, DataFileError, iter_jsonl, split_error
 from trainer.schema import DataFormat
@@ -36,6 +43,14 @@ LEGACY_KEYS, TOOLS_KEYS = ("functions", "function_call"), ("tools", "tool_calls"
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what the hosted API accepts as a function name
 MAX_SCHEMA_PROBLEMS = 3  # schema problems named per call (the rest are counted)
 PROMPT_COMPLETION_KEYS = ("prompt", "completion")
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+PREFERENCE_INPUT_KEYS = ("messages", "tools", "functions", "parallel_tool_calls")
+PREFERENCE_LINE = '{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}], "non_preferred_output": [...]}'
+FORMATS = {DataFormat.chat: '{"messages": [...]} (method=supervised)',
+           DataFormat.prompt_completion: '{"prompt": ..., "completion": ...} (method=supervised, base families)',
+           DataFormat.preference: f"{PREFERENCE_LINE} (method=dpo)",
+           DataFormat.reinforcement: '{"messages": [..., {"role": "user", ...}], <item fields>} (method=reinforcement)'}
+RFT_ROLES = ("developer", "system", "user", "assistant", "tool")
 HOSTED_MIN_EXAMPLES = 10  # the hosted service refuses fewer
 RECOMMENDED_MIN_EXAMPLES = 50  # OpenAI: clear improvements from 50 to 100 examples
 MAX_LISTED_PER_CODE = 50  # issues listed per (file, code); the rest are counted
@@ -79,6 +94,16 @@ FIXES = LINE_FIXES | {  # one table: reading a line (jsonl.py) and checking what
     "no_common_separator": r"end every prompt with the same separator, e.g. '\n\n###\n\n'",
     "completion_no_leading_space": "start every completion with a single space",
     "no_stop_sequence": r"end every completion with the same stop sequence, e.g. '\n' or ' END'",
+    "wrong_format": "convert the file to that format, or choose the method whose format it is in",
+    "missing_preference_key": 'each line needs "input", "preferred_output" and "non_preferred_output"',
+    "unrecognized_preference_key": 'remove it; a preference line takes only "input", "preferred_output" and "non_preferred_output"',
+    "invalid_input": 'make "input" an object {"messages": [...]} (optionally with "tools" and "parallel_tool_calls")',
+    "invalid_output": 'make it a list of exactly one {"role": "assistant", "content": "..."} message (or one with tool_calls)',
+    "input_ends_with_assistant": "end the input with the message the outputs answer (a user or tool message); the outputs are the assistant's reply",
+    "identical_outputs": "make the non-preferred output differ from the preferred one, or drop the pair: it teaches nothing",
+    "last_message_not_user": "end the messages with the user's turn: the model's reply to it is what the grader scores",
+    "missing_item_field": "add the field to every line, or change the grader's template",
+    "no_item_fields": "add the fields the grader compares the reply with (e.g. \"reference_answer\")",
 }
 
 
@@ -379,6 +404,121 @@ def function_warnings(example: dict) -> list[tuple[str, str]]:
     return warnings
 
 
+# --- preference pairs (method=dpo): each returns [(code, what)] -------------------------------
+
+def _ends_with_reply(example: dict) -> bool:
+    """Whether a line's messages end with the assistant's (a supervised line: a reinforcement line ends with the user)."""
+    messages = example.get("messages")
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == "assistant"
+
+
+def wrong_format(example: Any, fmt: DataFormat) -> list[tuple[str, str]]:
+    """A `wrong_format` error when a line is plainly in another format than the job's (empty otherwise)."""
+    if not isinstance(example, dict):
+        return []
+    shapes = {DataFormat.preference: "input" in example and ("preferred_output" in example or "non_preferred_output" in example),
+              DataFormat.chat: "messages" in example and "input" not in example
+              and (fmt != DataFormat.reinforcement or _ends_with_reply(example)),
+              DataFormat.prompt_completion: "prompt" in example and "completion" in example and "input" not in example}
+    found = next((shape for shape, matches in shapes.items() if matches and shape != fmt), None)
+    if found is None:
+        return []
+    return [("wrong_format", f"this line is in the {found.value} format, but this job expects {FORMATS[fmt]}")]
+
+
+def _output_errors(output: Any, key: str) -> list[tuple[str, str]]:
+    if not isinstance(output, list) or len(output) != 1:
+        what = f"a JSON {_type_name(output)}" if not isinstance(output, list) else f"{len(output)} messages"
+        return [("invalid_output", f'"{key}" holds {what}, not exactly one assistant message')]
+    message = output[0]
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        role = message.get("role") if isinstance(message, dict) else _type_name(message)
+        return [("invalid_output", f'"{key}" holds a message with role {json.dumps(role)[:40]}, not "assistant"')]
+    return []
+
+
+def preference_errors(example: Any) -> list[tuple[str, str]]:
+    """The hosted service's format errors for one preference line (empty list when it is valid)."""
+    if not isinstance(example, dict):
+        return [("data_type", f"example is a JSON {_type_name(example)}, not an object")]
+    errors = [("missing_preference_key", f"no {key!r}") for key in PREFERENCE_KEYS if key not in example]
+    unknown = [key for key in example if key not in PREFERENCE_KEYS]
+    if unknown:
+        errors.append(("unrecognized_preference_key", f"unrecognized key(s) {', '.join(map(repr, unknown))}"))
+    source = example.get("input")
+    if "input" in example:
+        if not isinstance(source, dict):
+            errors.append(("invalid_input", f'"input" is a JSON {_type_name(source)}, not an object'))
+        else:
+            extra = [key for key in source if key not in PREFERENCE_INPUT_KEYS]
+            if extra:
+                errors.append(("invalid_input", f'"input" has unrecognized key(s) {", ".join(map(repr, extra))}'))
+            if not isinstance(source.get("messages"), list) or not source["messages"]:
+                errors.append(("missing_messages_list", '"input" has no non-empty "messages" list'))
+    for key in PREFERENCE_KEYS[1:]:
+        if key in example:
+            errors += _output_errors(example[key], key)
+    if errors:
+        return errors
+    messages = source["messages"]
+    if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        errors.append(("input_ends_with_assistant", f"the input's last message (message {len(messages)}) is the assistant's"))
+    seen = set()
+    for key in PREFERENCE_KEYS[1:]:  # each output, checked with the chat rules as the reply to the input
+        conversation = {k: v for k, v in source.items() if k != "messages"} | {"messages": messages + example[key]}
+        for code, what in chat_errors(conversation):
+            what = what.replace(f"message {len(messages) + 1}", f"{key}[0]")
+            if (code, what) not in seen:
+                seen.add((code, what))
+                errors.append((code, what))
+    return errors
+
+
+def preference_warnings(example: dict) -> list[tuple[str, str]]:
+    """Warnings for a preference line that has no format errors."""
+    warnings = []
+    if "user" not in [m.get("role") for m in example["input"]["messages"]]:
+        warnings.append(("no_user_message", "the input has no user message"))
+    preferred, non_preferred = example["preferred_output"][0], example["non_preferred_output"][0]
+    if _digest(preferred) == _digest(non_preferred):
+        warnings.append(("identical_outputs", "preferred_output and non_preferred_output are the same"))
+    for key, message in (("preferred_output", preferred), ("non_preferred_output", non_preferred)):
+        if message.get("content") == "" and not message_calls(message):
+            warnings.append(("empty_assistant_content", f"{key} has empty content"))
+    return warnings
+
+
+# --- reinforcement prompts (method=reinforcement): each returns [(code, what)] -----------------
+
+def reinforcement_errors(example: Any) -> list[tuple[str, str]]:
+    """The hosted service's format errors for one reinforcement line: chat messages (roles developer, system,
+    user, assistant, tool) ending with the user's; other keys are the grader's item fields."""
+    if not isinstance(example, dict):
+        return [("data_type", f"example is a JSON {_type_name(example)}, not an object")]
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return chat_errors(example)[:1]
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    as_chat = [m | {"role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages]
+    reply = {"role": "assistant", "content": "reply"}  # the sampled reply, so that the chat rules hold
+    conversation = {key: example[key] for key in EXAMPLE_KEYS if key in example} | {"messages": as_chat + [reply]}
+    errors = [(code, what) for code, what in chat_errors(conversation)
+              if code != "example_missing_assistant_message"]
+    errors += [("unrecognized_role", f"message {index} has role \"function\": use tool messages")
+               for index, role in enumerate(roles, 1) if role == "function"]
+    if not errors and roles[-1] != "user":
+        errors.append(("last_message_not_user", f"the last message (message {len(messages)}) is the {roles[-1]}'s"))
+    return errors
+
+
+def reinforcement_warnings(example: dict) -> list[tuple[str, str]]:
+    """Warnings for a reinforcement line that has no format errors."""
+    fields = [key for key in example if key not in EXAMPLE_KEYS]
+    return [] if fields else [("no_item_fields", "the line has no fields besides its messages: a grader can read "
+                                                 "only the reply")]
+
+
 def prompt_completion_errors(example: Any) -> list[tuple[str, str]]:
     """Format errors for one prompt/completion example."""
     if not isinstance(example, dict):
@@ -456,6 +596,8 @@ class FileReport:
     token_counts: array = field(default_factory=lambda: array("q"))
     assistant_token_counts: array = field(default_factory=lambda: array("q"))
     messages_per_example: array = field(default_factory=lambda: array("q"))
+    prompt_token_counts: array = field(default_factory=lambda: array("q"))  # preference lines: the input's tokens
+    non_preferred_token_counts: array = field(default_factory=lambda: array("q"))  # and the non-preferred output's
     n_with_functions: int = 0  # valid examples that declare functions or carry calls (their tokens are approximate)
     digests: dict = field(default_factory=dict, repr=False)
 
@@ -493,12 +635,20 @@ class FileReport:
             "n_too_long": len(over),
             "tokens_cut": sum(over),
         }
-        if self.format == DataFormat.chat:
+        if self.format == DataFormat.preference:
+            stats["prompt_tokens_per_example"] = distribution(self.prompt_token_counts)
+            stats["preferred_tokens_per_example"] = distribution(self.assistant_token_counts)
+            stats["non_preferred_tokens_per_example"] = distribution(self.non_preferred_token_counts)
+            stats["tokens"] = "approximate: the input once plus both outputs (OpenAI publishes no count for DPO)"
+        elif self.format == DataFormat.chat:
             stats["messages_per_example"] = distribution(self.messages_per_example)
             stats["assistant_tokens_per_example"] = distribution(self.assistant_token_counts)
             stats["n_missing_system"] = self.warning_counts.get("no_system_message", 0)
             stats["n_missing_user"] = self.warning_counts.get("no_user_message", 0)
             stats["n_with_functions"] = self.n_with_functions
+        elif self.format == DataFormat.reinforcement:  # prompts: the replies are sampled, not in the file
+            stats["messages_per_example"] = distribution(self.messages_per_example)
+            stats["prompt_tokens_per_example"] = distribution(self.token_counts)
         else:
             stats["completion_tokens_per_example"] = distribution(self.assistant_token_counts)
         return stats
@@ -520,10 +670,12 @@ def validate_file(
     example)` sees every line that parses (the content screen reads along)."""
     fmt = as_format(fmt)
     report = FileReport(Path(path), kind, fmt, int(context_length))
-    check_errors, check_warnings = (
-        (chat_errors, chat_warnings) if fmt == DataFormat.chat
-        else (prompt_completion_errors, prompt_completion_warnings)
-    )
+    check_errors, check_warnings = {
+        DataFormat.chat: (chat_errors, chat_warnings),
+        DataFormat.prompt_completion: (prompt_completion_errors, prompt_completion_warnings),
+        DataFormat.preference: (preference_errors, preference_warnings),
+        DataFormat.reinforcement: (reinforcement_errors, reinforcement_warnings),
+    }[fmt]
     prompt_suffix = completion_suffix = None
     n_no_leading_space = 0
     try:
@@ -535,7 +687,7 @@ def validate_file(
                 continue
             if on_example is not None:
                 on_example(line, example)
-            errors = check_errors(example)
+            errors = wrong_format(example, fmt) or check_errors(example)
             for code, what in errors:
                 report.add("error", line, code, what)
             if errors:
@@ -558,11 +710,17 @@ def validate_file(
                                f"same example as training line {train_digests[digest]}")
             report.token_lines.append(line)
             report.token_counts.append(tokens)
-            report.assistant_token_counts.append(count_assistant_tokens(example, fmt, encoding))
-            if fmt == DataFormat.chat:
+            if fmt == DataFormat.preference:
+                prompt, preferred, non_preferred = count_pair_tokens(example, encoding)
+                report.prompt_token_counts.append(prompt)
+                report.assistant_token_counts.append(preferred)
+                report.non_preferred_token_counts.append(non_preferred)
+            else:
+                report.assistant_token_counts.append(count_assistant_tokens(example, fmt, encoding))
+            if fmt in (DataFormat.chat, DataFormat.reinforcement):
                 report.messages_per_example.append(len(example["messages"]))
                 report.n_with_functions += uses_functions(example)
-            else:
+            elif fmt == DataFormat.prompt_completion:
                 prompt, completion = example["prompt"], example["completion"]
                 prompt_suffix = prompt if prompt_suffix is None else _common_suffix(prompt_suffix, prompt)
                 completion_suffix = completion if completion_suffix is None else _common_suffix(completion_suffix, completion)

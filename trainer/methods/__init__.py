@@ -15,12 +15,23 @@ checkpoints and the record stay one. An objective has:
     metrics(totals, split) -> the row's metrics from statistics summed over a step or the validation file
     evaluate(model, dataset, batch_size, batching, device, dtype) -> totals over the validation file
 
-`supervised` (SFT) and `dpo` (preference pairs) are the methods so far.
+`supervised` (SFT), `dpo` (preference pairs) and `reinforcement` (GRPO on a grader's rewards) are the methods.
+An objective may also have `eval_interval` (steps between evaluations, instead of train.eval_every) and `events`
+(set by the job to its event log). Building one raises `MethodError` for a setting it cannot use.
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+
+class MethodError(ValueError):
+    """A method setting that cannot work (a grader that does not validate, a bad hyperparameter); `code` is the
+    hosted API's error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)

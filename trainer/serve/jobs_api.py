@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
 from trainer.compose import quote_value
-from trainer.hyperparams import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LEARNING_RATE_MULTIPLIER, SUFFIX
+from trainer.hyperparams import MAX_BATCH_SIZE, MAX_BETA, MAX_EPOCHS, MAX_LEARNING_RATE_MULTIPLIER, SUFFIX
 from trainer.jobs import DEFAULT_LIMIT, JobNotFound, JobRef, list_checkpoints, list_events, page, resolve_job
 from trainer.request import REQUEST_FILE, JobRequest, job_config, write_request
 from trainer.run import EventLog, Job, new_job_id
@@ -32,7 +32,7 @@ log = logging.getLogger("ftlab.serve")
 router = APIRouter()
 Auto = Literal["auto"]
 # the request decides these; the serve command's own overrides of them are not passed on
-JOB_KEYS = ("model=", "data=", "data.", "suffix=", "train.n_epochs=", "train.batch_size=",
+JOB_KEYS = ("model=", "data=", "data.", "suffix=", "train.n_epochs=", "train.batch_size=", "method=",
             "train.learning_rate_multiplier=", "train.seed=", "init_adapter=", "request=", "resume=")
 METRIC_NAMES = {"train_accuracy": "train_mean_token_accuracy"}  # results.csv's column → the API's metric name
 
@@ -61,13 +61,66 @@ class Hyperparameters(BaseModel):
                                        le=MAX_LEARNING_RATE_MULTIPLIER, allow_inf_nan=False) = "auto"
 
 
+class DpoHyperparameters(Hyperparameters):
+    """A DPO job's: the supervised ones and beta."""
+
+    beta: _auto_or(float, f"a number above 0 and at most {MAX_BETA:g}", gt=0, le=MAX_BETA, allow_inf_nan=False) = "auto"
+
+
+class ReinforcementHyperparameters(Hyperparameters):
+    """A reinforcement job's: the supervised ones and the hosted API's reinforcement ones."""
+
+    eval_interval: _auto_or(int, "a whole number from 1", ge=1, le=1_000_000) = "auto"
+    eval_samples: _auto_or(int, "a whole number from 1", ge=1, le=1_000_000) = "auto"
+    compute_multiplier: _auto_or(float, "a number above 0 and at most 10", gt=0, le=10, allow_inf_nan=False) = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+
+
 class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     hyperparameters: Optional[Hyperparameters] = None
 
 
+class Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Optional[DpoHyperparameters] = None
+
+
+class Reinforcement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: dict  # validated by trainer.graders at create (a 400 naming the field)
+    hyperparameters: Optional[ReinforcementHyperparameters] = None
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = "supervised"
+    """The hosted API's `method`: its type and that type's object (the others absent)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: Optional[Supervised] = None
+    dpo: Optional[Dpo] = None
+    reinforcement: Optional[Reinforcement] = None
+
+    @model_validator(mode="after")
+    def _one_type(self) -> "Method":
+        others = [name for name in METHODS if name != self.type and getattr(self, name) is not None]
+        if others:
+            raise ValueError(f"method.type is {self.type!r}, and method.{others[0]} is given: send the object of "
+                             "that type only")
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("method.type 'reinforcement' needs method.reinforcement.grader")
+        return self
+
+    def hyperparameters(self) -> Hyperparameters:
+        """The method's hyperparameters as sent (defaults: all auto)."""
+        chosen = getattr(self, self.type)
+        kind = {"supervised": Hyperparameters, "dpo": DpoHyperparameters,
+                "reinforcement": ReinforcementHyperparameters}[self.type]
+        return (chosen.hyperparameters if chosen is not None else None) or kind()
+
+
+METHODS = ("supervised", "dpo", "reinforcement")
+TRAIN_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 Text = Annotated[str, Field(max_length=128)]
@@ -170,25 +223,30 @@ def create_job(request: Request, body: CreateJob) -> dict:
 
     server = request.app.state.server
     check_suffix(body.suffix)
-    hyperparameters = body.hyperparameters or Hyperparameters()
-    if body.method is not None and body.method.supervised and body.method.supervised.hyperparameters:
-        hyperparameters = body.method.supervised.hyperparameters
+    method = body.method or Method()
+    sent = method.hyperparameters().model_dump()
+    if body.method is None or body.method.type == "supervised" and not (method.supervised and
+                                                                       method.supervised.hyperparameters):
+        sent = (body.hyperparameters or Hyperparameters()).model_dump()  # the deprecated top-level form
+    grader = _checked_grader(server, method)
     family, init_adapter = _parent(server, body.model)
-    overrides = base_overrides(server, family)
+    overrides = [*base_overrides(server, family), f"method={method.type}"]  # one of METHODS
     wandb = next((i.wandb for i in body.integrations or [] if i.type == "wandb"), None)
     with server.index.files_for_new_job([body.training_file, body.validation_file]) as rows:
         job_request = JobRequest(
             training_file=_file_path(rows, body.training_file, "training_file"),
             validation_file=_file_path(rows, body.validation_file, "validation_file"),
             training_file_id=body.training_file, validation_file_id=body.validation_file, model=body.model,
-            suffix=body.suffix, seed=body.seed, hyperparameters=hyperparameters.model_dump(),
-            init_adapter=init_adapter, wandb=wandb.model_dump(exclude_none=True) if wandb else None,
+            suffix=body.suffix, seed=body.seed,
+            hyperparameters={key: sent[key] for key in TRAIN_HYPERPARAMETERS},
+            method=method.type, method_hyperparameters={k: v for k, v in sent.items() if k not in TRAIN_HYPERPARAMETERS},
+            grader=grader, init_adapter=init_adapter, wandb=wandb.model_dump(exclude_none=True) if wandb else None,
             metadata=body.metadata or {})
         try:
             cfg = job_config(overrides, job_request)
-            check_job_settings(cfg)
+            check_job_settings(cfg, job_request)
         except SettingsError as error:
-            param = "suffix" if error.code == "invalid_suffix" else "hyperparameters"
+            param = SETTING_PARAMS.get(error.code, "hyperparameters")
             raise APIError(400, str(error), param=param, code=error.code) from None
         except Exception:  # noqa: BLE001 - no client text reaches the config, so this is the serve command's own
             log.exception("composing a job's config")
@@ -206,12 +264,30 @@ def create_job(request: Request, body: CreateJob) -> dict:
     return job_object(server, row)
 
 
+SETTING_PARAMS = {"invalid_suffix": "suffix", "invalid_validation_file": "validation_file", "invalid_method": "method",
+                  "invalid_grader": "method.reinforcement.grader", "invalid_hyperparameter": "hyperparameters"}
+
+
+def _checked_grader(server, method: Method) -> Optional[dict]:
+    """A reinforcement job's grader, validated as the graders API validates it (a 400 naming the field)."""
+    if method.type != "reinforcement":
+        return None
+    from trainer.graders import GraderError, Settings, validate
+
+    try:
+        return validate(method.reinforcement.grader, settings=Settings.from_config(server.cfg.graders))
+    except GraderError as error:
+        param = "method.reinforcement." + error.param
+        raise APIError(400, f"{param}: {error}", param=param, code="invalid_grader") from None
+
+
 def _record_job(server, body: CreateJob, job_id: str, run_dir: Path, job_request: JobRequest, cfg,
                 overrides: list[str]) -> dict:
     """The job's run dir (request.json, job.json, its first event), then its row in the index; the row's."""
     run_dir.mkdir(parents=True)
     write_request(run_dir, job_request)
-    method = {"type": "supervised", "supervised": {"hyperparameters": job_request.hyperparameters}}
+    method = method_object(job_request.method, job_request.hyperparameters | job_request.method_hyperparameters,
+                           job_request.grader)
     valid_path = Path(job_request.validation_file) if job_request.validation_file else None
     job = Job.create(run_dir, model=body.model, org=cfg.org, suffix=body.suffix,
                      training_file=Path(job_request.training_file), validation_file=valid_path,
@@ -227,6 +303,12 @@ def _record_job(server, body: CreateJob, job_id: str, run_dir: Path, job_request
                                 request=body.model_dump(exclude_none=True) | {"overrides": overrides},
                                 metadata=body.metadata or {}, training_file=body.training_file,
                                 validation_file=body.validation_file)
+
+
+def method_object(method_type: str, hyperparameters: dict, grader: Optional[dict] = None) -> dict:
+    """The job object's `method`: its type and that type's hyperparameters (and a reinforcement job's grader)."""
+    detail = {"hyperparameters": hyperparameters} | ({"grader": grader} if method_type == "reinforcement" else {})
+    return {"type": method_type, method_type: detail}
 
 
 def job_row(server, job_id: str) -> dict:
@@ -278,10 +360,13 @@ def job_object(server, row: dict) -> dict:
     record = Job.load(run_dir).record
     request = row["request"]
     resolved = record.get("hyperparameters") or {}
-    asked = (request.get("method") or {}).get("supervised", {}).get("hyperparameters") \
+    method_type = (request.get("method") or {}).get("type", "supervised")
+    asked = (request.get("method") or {}).get(method_type, {}).get("hyperparameters") \
         or request.get("hyperparameters") or {}
-    hyperparameters = {key: resolved.get(key, asked.get(key, "auto"))
-                       for key in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    hyperparameters = {key: resolved.get(key, asked.get(key, "auto")) for key in TRAIN_HYPERPARAMETERS}
+    method_hyperparameters = hyperparameters | {key: resolved.get(key, value) for key, value in asked.items()
+                                                if key not in TRAIN_HYPERPARAMETERS}
+    grader = ((request.get("method") or {}).get("reinforcement") or {}).get("grader")
     status = record.get("status")
     return {
         "object": "fine_tuning.job",
@@ -303,7 +388,7 @@ def job_object(server, row: dict) -> dict:
         "estimated_finish": _estimated_finish(record, run_dir),
         "integrations": record.get("integrations") or [],
         "metadata": row["metadata"] or None,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": method_object(method_type, method_hyperparameters, grader),
         "user_provided_suffix": record.get("user_provided_suffix"),
         "usage_metrics": None,
         "shared_with_openai": False,

@@ -31,6 +31,9 @@ router = APIRouter(prefix="/ui/api", include_in_schema=False)
 Status = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
 
+Method = Literal["supervised", "dpo", "reinforcement"]  # jobs_api.METHODS: a query value, never config text
+
+
 def _server(request: Request):
     return request.app.state.server
 
@@ -132,13 +135,15 @@ def job(request: Request, job_id: str) -> dict:
 
 @router.get("/jobs/{job_id}/metrics")
 def metrics(request: Request, job_id: str, after_step: int = Query(0, ge=0)) -> dict:
-    """results.csv's rows after `after_step`, with the API's metric names."""
+    """results.csv's rows after `after_step`, with the API's metric names, and the method's own metrics of each step
+    (a `<kind>_results.csv` beside it: DPO's preference metrics, reinforcement's rewards)."""
     from trainer.serve.jobs_api import METRIC_NAMES, job_row
 
     run_dir = Path(job_row(_server(request), job_id)["run_dir"])
-    rows = []
-    path = run_dir / "results.csv"
-    if path.is_file():
+    rows: dict[int, dict] = {}
+    for path in [run_dir / "results.csv", *sorted(run_dir.glob("*_results.csv"))]:
+        if not path.is_file():
+            continue
         with open(path, newline="", encoding="utf-8") as handle:
             for raw in csv.DictReader(handle):
                 try:
@@ -146,9 +151,16 @@ def metrics(request: Request, job_id: str, after_step: int = Query(0, ge=0)) -> 
                 except (KeyError, TypeError, ValueError):
                     continue
                 if step > after_step:
-                    rows.append({"step": step} | {METRIC_NAMES.get(key, key): float(value) if value not in ("", None)
-                                                  else None for key, value in raw.items() if key != "step"})
-    return {"object": "list", "data": rows}
+                    rows.setdefault(step, {"step": step}).update(
+                        {METRIC_NAMES.get(key, key): _number(value) for key, value in raw.items() if key != "step"})
+    return {"object": "list", "data": [rows[step] for step in sorted(rows)]}
+
+
+def _number(value) -> Optional[float]:
+    try:
+        return float(value) if value not in ("", None) else None
+    except ValueError:
+        return None
 
 
 @router.get("/jobs/{job_id}/histogram")
@@ -239,17 +251,18 @@ def files(request: Request) -> dict:
 
 
 @router.get("/files/{file_id}/report")
-def file_report(request: Request, file_id: str, model: Optional[str] = None) -> dict:
-    """The file's validation as a training file of `model` (default: the family its format fits), with the
-    token-length histogram; made on first request."""
+def file_report(request: Request, file_id: str, model: Optional[str] = None, method: Optional[Method] = None) -> dict:
+    """The file's validation as a training file of `model` (default: the family its format fits) and `method`
+    (default: the method its first line fits), with the token-length histogram; made on first request."""
     server = _server(request)
     row = _file_row(server, file_id)
     if row["purpose"] != "fine-tune":
         raise APIError(400, f"{file_id} is a {row['purpose']} file, not a training file", param="file_id",
                        code="invalid_file")
     family = _family(model, row)
+    method = method or reports.guess_method(Path(row["path"]))
     try:
-        report = reports.file_report(server, row, family)
+        report = reports.file_report(server, row, family, method)
     except ValueError as error:
         raise APIError(400, f"cannot check {file_id}: {error}", code="invalid_file") from None
     result = {key: value for key, value in report.items() if key != "token_counts"}
@@ -259,7 +272,7 @@ def file_report(request: Request, file_id: str, model: Optional[str] = None) -> 
 
 @router.get("/estimate")
 def estimate(request: Request, training_file: str, model: Optional[str] = None, n_epochs: str = "auto",
-             validation_file: Optional[str] = None) -> dict:
+             validation_file: Optional[str] = None, method: Method = "supervised") -> dict:
     """estimate.json for a job on `training_file` (and `validation_file`) with `model` and `n_epochs`."""
     server = _server(request)
     train_row = _file_row(server, training_file, "training_file")
@@ -268,7 +281,7 @@ def estimate(request: Request, training_file: str, model: Optional[str] = None, 
         raise APIError(400, f"n_epochs={n_epochs!r}: use auto or a whole number of epochs (1-1000)",
                        param="n_epochs", code="invalid_n_epochs")
     try:
-        return reports.estimate(server, train_row, _family(model, train_row), n_epochs, valid_row)
+        return reports.estimate(server, train_row, _family(model, train_row), n_epochs, valid_row, method)
     except ValueError as error:
         raise APIError(400, str(error), code="invalid_request") from None
 

@@ -44,30 +44,55 @@ def guess_family(path: Path) -> str:
     return "gpt-3.5-turbo"
 
 
-def file_config(server, family: str, train_path: Path, validation_path: Optional[Path] = None,
-                n_epochs: str = "auto"):
-    """The config of a job on these files, made as a job's is: the server's overrides for `family`, then the
-    files and epochs as a request record's data."""
-    from trainer.request import JobRequest, job_config
-    from trainer.serve.jobs_api import base_overrides
+def guess_method(path: Path) -> str:
+    """The method a file's first line fits: a preference pair → dpo; messages ending with the user's turn → reinforcement;
+    anything else → supervised."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for _, line in zip(range(50), handle):
+                if line.strip():
+                    example = json.loads(line)
+                    if isinstance(example, dict) and "preferred_output" in example:
+                        return "dpo"
+                    messages = example.get("messages") if isinstance(example, dict) else None
+                    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                            and messages[-1].get("role") == "user":
+                        return "reinforcement"
+                    break
+    except (OSError, ValueError):
+        pass
+    return "supervised"
 
+
+def file_config(server, family: str, train_path: Path, validation_path: Optional[Path] = None,
+                n_epochs: str = "auto", method: str = "supervised"):
+    """The config of a job on these files, made as a job's is: the server's overrides for `family` and `method`
+    (one of jobs_api.METHODS), then the files and epochs as a request record's data."""
+    from trainer.request import JobRequest, job_config
+    from trainer.serve.jobs_api import METHODS, base_overrides
+
+    assert method in METHODS
     request = JobRequest(training_file=str(train_path), validation_file=str(validation_path) if validation_path else None,
-                         hyperparameters={"n_epochs": "auto" if n_epochs == "auto" else int(n_epochs)})
-    return job_config(base_overrides(server, family), request)
+                         hyperparameters={"n_epochs": "auto" if n_epochs == "auto" else int(n_epochs)}, method=method)
+    return job_config([*base_overrides(server, family), f"method={method}"], request)
 
 
 def report_dir(server, file_id: str) -> Path:
     return server.root / "files" / f"{file_id}.report"
 
 
-def file_report(server, row: dict, family: str) -> dict:
-    """The file's validation as a `family` training file: validation.json's content, the token counts of its
-    usable examples (after any moderation drops) and its context length. Made once, then read back."""
+def _folder(server, file_id: str, family: str, method: str) -> Path:
+    return report_dir(server, file_id) / (family if method == "supervised" else f"{family}.{method}")
+
+
+def file_report(server, row: dict, family: str, method: str = "supervised") -> dict:
+    """The file's validation as a `family` training file of `method`: validation.json's content, the token counts of
+    its usable examples (after any moderation drops) and its context length. Made once, then read back."""
     from rich.console import Console
 
     from trainer.preflight import run_validate
 
-    folder = report_dir(server, row["id"]) / family
+    folder = _folder(server, row["id"], family, method)
     cached = folder / "report.json"
     made = _read(cached)
     if made is not None:
@@ -77,14 +102,15 @@ def file_report(server, row: dict, family: str) -> dict:
         if made is not None:
             return made
         path = Path(row["path"])
-        cfg = file_config(server, family, path)
+        cfg = file_config(server, family, path, method=method)
         report = run_validate(cfg, folder, Console(quiet=True), {"train": path})
         train = report.file("train")
         dropped = set()
         if report.moderation is not None and report.moderation.action == "drop":
             dropped = {flag["line"] for flag in report.moderation.flagged}
         counts = [t for line, t in zip(train.token_lines, train.token_counts) if line not in dropped]
-        result = {"file_id": row["id"], "family": family, "format": family_format(family),
+        result = {"file_id": row["id"], "family": family, "method": method,
+                  "format": family_format(family) if method == "supervised" else str(cfg.method.data_format.value),
                   "context_length": int(cfg.model.context_length),
                   "validation": public_validation(report.to_json(), {str(path): row["filename"]}),
                   "token_counts": counts}
@@ -158,19 +184,20 @@ def histogram(series: dict, context_length: int, max_bins: int = 40) -> dict:
 
 
 def estimate(server, train_row: dict, family: str, n_epochs: str = "auto",
-             validation_row: Optional[dict] = None) -> dict:
+             validation_row: Optional[dict] = None, method: str = "supervised") -> dict:
     """estimate.json for a job on these files (billed tokens, hosted price, local time and cost), from the
     files' token counts; written beside the training file's report."""
     from trainer import cost
 
-    train = file_report(server, train_row, family)
-    valid = file_report(server, validation_row, family) if validation_row else None
+    train = file_report(server, train_row, family, method)
+    valid = file_report(server, validation_row, family, method) if validation_row else None
     cfg = file_config(server, family, Path(train_row["path"]),
-                      Path(validation_row["path"]) if validation_row else None, n_epochs)
+                      Path(validation_row["path"]) if validation_row else None, n_epochs, method)
     result = cost.estimate_from_token_counts(cfg, train["token_counts"],
                                              validation_token_counts=valid["token_counts"] if valid else None)
     budget = cfg.train.get("max_cost_usd")
     result |= {"training_file": train_row["id"], "validation_file": validation_row["id"] if validation_row else None,
-               "max_cost_usd": budget, "over_budget": budget is not None and result["training_cost_usd"] > float(budget)}
-    write_json(report_dir(server, train_row["id"]) / family / "estimate.json", result)
+               "max_cost_usd": budget,
+               "over_budget": budget is not None and (result["training_cost_usd"] or 0) > float(budget)}
+    write_json(_folder(server, train_row["id"], family, method) / "estimate.json", result)
     return result

@@ -111,6 +111,38 @@ function drawCharts() {
   fill($("loss-legend"), legend([["training loss", "train", "train_loss"], ["validation loss", "validation", "valid_loss"]]));
   fill($("accuracy-legend"), legend([["training", "train", "train_mean_token_accuracy"],
     ["validation", "validation", "valid_mean_token_accuracy"]]));
+  drawRewards(series, legend);
+}
+
+// A reinforcement job's rewards (its reward_results.csv): mean reward and reply length, training and validation.
+function drawRewards(series, legend) {
+  const rewarded = series("train_reward_mean").length > 0;
+  $("rewards-panel").hidden = !rewarded;
+  $("accuracy-chart").closest("figure").hidden = rewarded; // its train_accuracy column holds the mean reward
+  if (!rewarded) return;
+  const pair = (key) => [{ name: `training ${key}`, color: COLORS.train, points: series(`train_${key}`) },
+    { name: `validation ${key}`, color: COLORS.validation, points: series(`valid_${key}`) }];
+  lineChart($("reward-chart"), { series: pair("reward_mean"), smoothing: smoothing(), yName: "reward",
+    readout: $("reward-readout") });
+  lineChart($("length-chart"), { series: pair("completion_tokens"), smoothing: smoothing(), yName: "tokens",
+    readout: $("length-readout") });
+  fill($("reward-legend"), legend([["training", "train", "train_reward_mean"], ["validation", "validation", "valid_reward_mean"]]));
+  fill($("length-legend"), legend([["training", "train", "train_completion_tokens"],
+    ["validation", "validation", "valid_completion_tokens"]]));
+  const last = state.metrics[state.metrics.length - 1];
+  const sum = (key) => state.metrics.reduce((total, row) => total + (row[key] || 0), 0);
+  fill($("reward-facts"), [["Reward std (last step)", fixed(last.train_reward_std)],
+    ["KL to the reference (last step)", last.train_kl === null || last.train_kl === undefined ? "not measured (kl_coef 0)" : fixed(last.train_kl)],
+    ["Grading time", `${fixed(sum("train_grader_seconds"))} s`], ["Grader errors", number(sum("train_grader_errors"))]]
+    .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
+
+function renderSamples(events) {
+  const latest = events.find((e) => e.data && Array.isArray(e.data.samples));
+  $("no-samples").hidden = Boolean(latest);
+  fill(document.querySelector("#samples tbody"), latest ? latest.data.samples.map((s) => h("tr", {},
+    h("td", { "data-label": "Line" }, String(s.line)), h("td", { "data-label": "Prompt" }, s.prompt),
+    h("td", { "data-label": "Reply" }, s.reply), h("td", { "data-label": "Reward" }, fixed(s.reward)))) : []);
 }
 
 $("smoothing").addEventListener("input", () => {
@@ -137,6 +169,7 @@ function renderEvents() {
     h("time", { datetime: new Date(e.created_at * 1000).toISOString() }, when(e.created_at)), " ",
     e.level && e.level !== "info" ? h("span", { className: "level" }, e.level) : null, " ", e.message)));
   $("older-events").hidden = !state.moreEvents;
+  renderSamples(events);
 }
 
 async function loadEvents() {

@@ -1,12 +1,12 @@
 // New job: drop a training file → POST /v1/files → its validation report and histogram, and the price
 // (/ui/api) → family, suffix, hyperparameters, validation file → POST /v1/fine_tuning/jobs → the job page.
-import { getJSON, postJSON, uploadFile } from "./api.js";
+import { api, getJSON, postJSON, uploadFile } from "./api.js";
 import { histogramChart, redrawOnResize } from "./charts.js";
 import { estimateView, validationView } from "./report.js";
 import { $, fill, h, number, showError, startPage } from "./util.js";
 
 startPage();
-const state = { file: null, report: null, families: [] };
+const state = { file: null, report: null, families: [], asked: 0 };
 
 function status(text) { $("upload-status").textContent = text; }
 
@@ -27,15 +27,22 @@ async function loadChoices(selectTrain) {
 }
 
 function chosenFamily() { return $("family").value || undefined; }
+function chosenMethod() { return $("method").value || (state.report && state.report.method) || "supervised"; }
 
 async function showReport() {
   const file = state.file;
   const family = chosenFamily();
   status(`Checking ${file.filename}…`);
-  const report = await getJSON(`/ui/api/files/${encodeURIComponent(file.id)}/report${family ? `?model=${encodeURIComponent(family)}` : ""}`);
-  if (state.file !== file) return;
+  const q = new URLSearchParams();
+  if (family) q.set("model", family);
+  if ($("method").value) q.set("method", $("method").value);
+  const asked = ++state.asked; // the newest question wins: an older report arriving late is dropped
+  const report = await getJSON(`/ui/api/files/${encodeURIComponent(file.id)}/report?${q}`);
+  if (state.file !== file || asked !== state.asked) return;
   state.report = report;
   if (!family) $("family").value = report.family;
+  if (!$("method").value) $("method").value = report.method;
+  $("grader-box").hidden = report.method !== "reinforcement";
   $("report-area").hidden = false;
   $("job-form").hidden = false;
   const v = report.validation;
@@ -54,7 +61,8 @@ redrawOnResize($("histogram"), () => state.report && histogramChart($("histogram
 
 async function showEstimate() {
   if (!state.file) return;
-  const q = new URLSearchParams({ training_file: state.file.id, model: $("family").value || state.report.family });
+  const q = new URLSearchParams({ training_file: state.file.id, model: $("family").value || state.report.family,
+    method: chosenMethod() });
   const epochs = $("n_epochs").value.trim() || "auto";
   q.set("n_epochs", epochs);
   if ($("validation-file").value) q.set("validation_file", $("validation-file").value);
@@ -66,7 +74,7 @@ async function showEstimate() {
 }
 
 async function useFile(file, keepFamily = false) {
-  if (!keepFamily) $("family").value = "";
+  if (!keepFamily) { $("family").value = ""; $("method").value = ""; }
   state.file = file;
   state.report = null;
   showError($("error"), null);
@@ -119,6 +127,45 @@ $("validation-input").addEventListener("change", async () => {
   if (uploaded) { $("validation-file").value = uploaded.id; await showEstimate(); }
 });
 $("family").addEventListener("change", () => state.file && useFile(state.file, true));
+$("method").addEventListener("change", () => state.file && useFile(state.file, true));
+
+// ---- the grader (method reinforcement): validated and tried through the graders API --------------------------
+function graderObject() {
+  try {
+    return JSON.parse($("grader").value);
+  } catch (error) {
+    throw new Error(`The grader is not JSON: ${error.message}`);
+  }
+}
+
+async function firstLine() {
+  const response = await api(`/v1/files/${encodeURIComponent(state.file.id)}/content`);
+  if (!response.ok) throw new Error(`cannot read ${state.file.filename} (${response.status})`);
+  const line = (await response.text()).split("\n").find((text) => text.trim());
+  return JSON.parse(line);
+}
+
+$("grader-validate").addEventListener("click", async () => {
+  try {
+    await postJSON("/v1/fine_tuning/alpha/graders/validate", { grader: graderObject() });
+    $("grader-result").textContent = "The grader is valid.";
+  } catch (error) {
+    $("grader-result").textContent = error.message;
+  }
+});
+
+$("grader-try").addEventListener("click", async () => {
+  try {
+    const result = await postJSON("/v1/fine_tuning/alpha/graders/run",
+      { grader: graderObject(), model_sample: $("grader-sample").value, item: await firstLine() });
+    const flags = Object.entries(result.metadata.errors).filter(([, v]) => v === true).map(([k]) => k);
+    const subs = Object.entries(result.sub_rewards || {}).map(([k, v]) => `${k} ${number(v)}`).join(", ");
+    $("grader-result").textContent = `reward ${number(result.reward)}${subs ? ` (${subs})` : ""}` +
+      (flags.length ? `; errors: ${flags.join(", ")}` : "");
+  } catch (error) {
+    $("grader-result").textContent = error.message;
+  }
+});
 $("n_epochs").addEventListener("change", showEstimate);
 $("validation-file").addEventListener("change", showEstimate);
 
@@ -143,7 +190,10 @@ $("job-form").addEventListener("submit", async (event) => {
     if (epochs !== undefined) hyperparameters.n_epochs = epochs;
     if (batch !== undefined) hyperparameters.batch_size = batch;
     if (lr !== undefined) hyperparameters.learning_rate_multiplier = lr;
-    body = { model: $("family").value || state.report.family, training_file: state.file.id, hyperparameters };
+    const method = chosenMethod();
+    body = { model: $("family").value || state.report.family, training_file: state.file.id };
+    if (method === "supervised") body.hyperparameters = hyperparameters;
+    else body.method = { type: method, [method]: { hyperparameters, ...(method === "reinforcement" ? { grader: graderObject() } : {}) } };
     if ($("suffix").value.trim()) body.suffix = $("suffix").value.trim();
     if ($("validation-file").value) body.validation_file = $("validation-file").value;
     if ($("seed").value.trim()) body.seed = Number($("seed").value.trim());
