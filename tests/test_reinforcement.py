@@ -85,7 +85,8 @@ def test_a_grader_that_does_not_validate_or_reads_a_missing_field_fails_the_job(
 
 def test_a_job_records_rewards_hyperparameters_and_sampled_answers(make_cfg, rft_files, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = rft_cfg(make_cfg, rft_files, "method.reinforcement.kl_coef=0.05", "method.reinforcement.compute_multiplier=0.5")
+    cfg = rft_cfg(make_cfg, rft_files, "method.reinforcement.kl_coef=0.05", "method.reinforcement.compute_multiplier=0.5",
+                  "train.micro_batch_size=2")  # a group a micro-batch
     assert run_training(cfg, run_dir) == 0
     job = json.loads((run_dir / "job.json").read_text())
     assert job["status"] == "succeeded" and job["fine_tuned_model"].startswith("ft:gpt-3.5-turbo:")
@@ -142,14 +143,12 @@ def test_the_same_seeds_give_the_same_samples(make_cfg, rft_files, tmp_path):
 
 
 def test_the_policy_gradient_raises_the_rewarded_reply_and_lowers_the_other(make_cfg, rft_files, tmp_path):
-    from trainer.data.tokenize import collate
+    from trainer.methods.reinforcement import shared_prompt_rows
 
     job = FineTuningJob(rft_cfg(make_cfg, rft_files), tmp_path / "run")
     job.setup()
     objective, model = job.objective, job.model
-    prompt = job.train_data.examples[0]
-    good, bad = (type("Reply", (), {"token_ids": ids, "finish_reason": "length"}) for ids in ([5, 6, 7], [8, 9, 10]))
-    batch = collate([objective._example(prompt, good), objective._example(prompt, bad)], 0)
+    batch = shared_prompt_rows([(job.train_data.examples[0].prompt_ids, [[5, 6, 7], [8, 9, 10]])], 0)
     batch |= {"advantage": torch.tensor([1.0, -1.0]), "reward": torch.tensor([1.0, 0.0]),
               "completion_tokens": torch.tensor([3.0, 3.0]), "grader_errors": torch.zeros(2),
               "grader_seconds": torch.zeros(2)}
@@ -233,3 +232,33 @@ def test_a_cancelled_and_resumed_job_samples_and_ends_as_an_uninterrupted_one(ma
     expected, got = (load_file(path / "adapter" / "adapter_model.safetensors")
                      for path in (tmp_path / "reference", tmp_path / "cut"))
     assert all(torch.allclose(expected[name], got[name], atol=1e-6) for name in expected)
+
+
+def test_a_shared_prompt_row_trains_exactly_as_one_row_a_reply(make_cfg, rft_files, tmp_path):
+    """Each group's prompt computed once (its replies attend to it through the mask) gives the loss, the statistics
+    and the gradients of one padded row a reply, and fewer positions."""
+    from trainer.methods.reinforcement import padded_rows, shared_prompt_rows
+
+    job = FineTuningJob(rft_cfg(make_cfg, rft_files, "method.reinforcement.kl_coef=0.1"), tmp_path / "run")
+    job.setup()
+    prompts = [p.prompt_ids for p in job.train_data.examples[:2]]
+    pieces = [(prompts[0], [[5, 6, 7], [8, 9], [10]]), (prompts[1], [[11, 12, 13, 14], [15], [16, 17]])]
+    extra = {"advantage": torch.tensor([1.0, -0.5, 0.2, -1.0, 0.7, 0.3]), "reward": torch.rand(6),
+             "completion_tokens": torch.ones(6), "grader_errors": torch.zeros(6), "grader_seconds": torch.zeros(6)}
+    trainable = [p for p in job.model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for parameter in trainable:
+            parameter.normal_(0, 0.1)  # an adapter that is not the reference: the KL term is not 0
+
+    def run(layout):
+        rows = layout(pieces, 0) | extra
+        loss, statistics = job.objective.forward(job.model, rows)
+        loss.backward()
+        gradients = [p.grad.clone() for p in trainable]
+        job.model.zero_grad()
+        return loss.item(), statistics, gradients, rows["input_ids"].numel()
+
+    shared, padded = run(shared_prompt_rows), run(padded_rows)
+    assert shared[0] == pytest.approx(padded[0], abs=1e-5) and shared[1]["kl"] == pytest.approx(padded[1]["kl"], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared[2], padded[2]))
+    assert shared[3] < padded[3]

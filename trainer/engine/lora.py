@@ -44,8 +44,7 @@ def grouped_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
     for name, rows in groups:
         if name not in layer.lora_A:  # this adapter leaves this projection alone
             continue
-        down_weight = layer.lora_A[name].weight.to(result.dtype)
-        up_weight = layer.lora_B[name].weight.to(result.dtype)
+        down_weight, up_weight = _weights(layer, name, result.dtype)
         scaling = layer.scaling[name]
         if isinstance(rows, slice):
             result[rows].addmm_(F.linear(flat[rows].to(result.dtype), down_weight), up_weight.t(), alpha=scaling)
@@ -53,6 +52,19 @@ def grouped_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
             term = F.linear(F.linear(flat.index_select(0, rows).to(result.dtype), down_weight), up_weight)
             result.index_add_(0, rows, term, alpha=scaling)
     return result.view(*x.shape[:-1], result.shape[-1])
+
+
+def _weights(layer, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's A and B in the compute dtype, cast once and kept while the weights stay as they are (an adapter
+    being trained in fp32 under a bf16 backbone changes only at its optimizer's steps: their version counters)."""
+    down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if down.dtype == dtype and up.dtype == dtype:
+        return down, up
+    key = (name, dtype, down._version, up._version, down.data_ptr(), up.data_ptr())
+    cached = layer.__dict__.setdefault("ftlab_cast", {})
+    if cached.get(name, (None,))[0] != key:
+        cached[name] = (key, down.detach().to(dtype), up.detach().to(dtype))
+    return cached[name][1], cached[name][2]
 
 
 def _lora_layers(model) -> list:

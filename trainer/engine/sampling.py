@@ -99,7 +99,17 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
         sorted_probs = sorted_probs.masked_fill(before >= float(sampling.top_p), 0.0)
         sorted_probs[0] = sorted_probs[0].clamp_min(1e-12)  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from `probs` (unnormalised weights), with one uniform number from the row's generator: the first
+    token whose cumulative weight passes it. torch.multinomial draws an exponential number for every token of
+    the vocabulary instead, ~0.9 ms a call over 49k tokens here against ~0.05 ms."""
+    cumulative = probs.cumsum(0)
+    target = torch.rand((), generator=generator, dtype=cumulative.dtype, device=cumulative.device) * cumulative[-1]
+    token = min(int(torch.searchsorted(cumulative, target, right=True)), probs.shape[0] - 1)
+    return token if probs[token] > 0 else int(probs.argmax())  # the rounding of a last, empty bucket
 
 
 def choose_tokens(logits: torch.Tensor, rows: list[RowSampler], generated: list[list[int]]

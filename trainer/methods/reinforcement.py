@@ -224,16 +224,28 @@ class ReinforcementObjective:
         rewards, errors, seconds = self._grade(prompts, replies)
         grouped = torch.tensor(rewards, dtype=torch.float32).view(len(prompts), self.group)
         advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
-        rows = [(prompt, reply) for prompt, group in zip(prompts, replies) for reply in group]
-        examples = [self._example(prompt, reply) for prompt, reply in rows]
+        completions = [[self._completion(reply) for reply in group] for group in replies]
         extra = {"advantage": advantages.reshape(-1), "reward": grouped.reshape(-1),
-                 "completion_tokens": torch.tensor([float(reply.n_tokens) for _, reply in rows]),
+                 "completion_tokens": torch.tensor([float(reply.n_tokens) for group in replies for reply in group]),
                  "grader_errors": torch.tensor([float(e) for e in errors]),
-                 "grader_seconds": torch.full((len(rows),), seconds / max(len(rows), 1))}
-        size = micro or len(rows)
-        for start in range(0, len(rows), size):
-            part = collate(examples[start : start + size], self.tokenizer.pad_token_id)
-            yield part | {key: value[start : start + size] for key, value in extra.items()}
+                 "grader_seconds": torch.full((grouped.numel(),), seconds / max(grouped.numel(), 1))}
+        per_part = max(1, (micro or grouped.numel()) // self.group)  # whole groups: a group shares one row
+        for first in range(0, len(prompts), per_part):
+            pieces = [(prompt.prompt_ids, group) for prompt, group in
+                      zip(prompts[first : first + per_part], completions[first : first + per_part])]
+            replies_in = slice(first * self.group, (first + len(pieces)) * self.group)
+            yield self._layout(pieces) | {key: value[replies_in] for key, value in extra.items()}
+
+    def _layout(self, pieces: list[tuple[list[int], list[list[int]]]]) -> dict:
+        """Training rows for (prompt, its replies) pieces: one row a prompt when the attention can take the shared
+        layout (`shared_prompt_rows`), else one padded row a reply."""
+        from trainer.attention import PACKED_ROWS, SHORT_ROW
+
+        longest = max(len(prompt) + sum(1 + len(c) for c in group) for prompt, group in pieces)
+        attention = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if attention != PACKED_ROWS or longest <= SHORT_ROW:  # the packed-rows path masks long rows per example
+            return shared_prompt_rows(pieces, self.tokenizer.pad_token_id)
+        return padded_rows(pieces, self.tokenizer.pad_token_id)
 
     def _sample(self, prompts: list[Prompt], seeds: list[int], n: int, temperature: float) -> list[list]:
         """`n` replies to each prompt from the policy (its adapter as it is now), in the calling thread."""
@@ -265,20 +277,17 @@ class ReinforcementObjective:
         return ([grade.reward for grade in graded], [any(v is True for v in grade.errors.values()) for grade in graded],
                 time.perf_counter() - started)
 
-    def _example(self, prompt: Prompt, reply) -> TokenizedExample:
-        """Prompt and reply as one training row, the reply's tokens the targets (its end of turn too, when it
-        stopped, so that the model learns where to stop)."""
+    def _completion(self, reply) -> list[int]:
+        """A reply's tokens as trained: its end of turn too, when it stopped, so that the model learns where to stop."""
         completion = list(reply.token_ids) + (self.stop_token_ids[-1:] if reply.finish_reason == "stop" else [])
-        if not completion:  # an empty reply that hit no stop token: its first token is all there is to judge
-            completion = self.stop_token_ids[-1:]
-        return TokenizedExample(prompt.prompt_ids + completion, [IGNORE_INDEX] * len(prompt.prompt_ids) + completion)
+        return completion or self.stop_token_ids[-1:]  # an empty reply that hit no stop: its first token is judged
 
     def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """The summed per-reply clipped policy-gradient loss (+ KL); statistics summed over the replies."""
         reference = self._reference_log_probs(model, batch) if self.kl_coef > 0 else None
-        outputs, targets, _, head = supervised_outputs(model, batch)
+        outputs, targets, positions, head = supervised_outputs(model, batch)
         log_probs = token_log_probs(outputs, targets, head)
-        row_of = (targets != IGNORE_INDEX).nonzero()[:, 0]
+        row_of = batch["reply_of"].to(targets.device)[:, positions + 1][targets != IGNORE_INDEX]  # each token's reply
         advantage = batch["advantage"].to(log_probs.device)[row_of]
         ratio = torch.exp(log_probs - log_probs.detach())
         clipped = torch.clamp(ratio, 1 - self.clip_epsilon, 1 + self.clip_epsilon)
@@ -288,7 +297,7 @@ class ReinforcementObjective:
             delta = reference - log_probs
             kl = torch.exp(delta) - delta - 1
             per_token = per_token + self.kl_coef * kl
-        rows = batch["input_ids"].size(0)
+        rows = batch["advantage"].numel()  # replies
         tokens = torch.bincount(row_of, minlength=rows).clamp_min(1).to(per_token.dtype)
         per_reply = torch.zeros(rows, dtype=per_token.dtype, device=per_token.device).index_add_(0, row_of, per_token)
         loss_sum = (per_reply / tokens).sum()
@@ -361,6 +370,56 @@ class ReinforcementObjective:
             self.events.add(f"Sampled answers at evaluation: mean reward {sum(rewards) / len(rewards):.4f} over "
                             f"{len(rewards)} validation prompts", data={"samples": shown})
         return totals
+
+
+def padded_rows(pieces: list[tuple[list[int], list[list[int]]]], pad_token_id: int) -> dict:
+    """One right-padded row for each reply, after its prompt; `reply_of` names the reply of each label."""
+    examples = [TokenizedExample(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+                for prompt, group in pieces for completion in group]
+    rows = collate(examples, pad_token_id)
+    return rows | {"reply_of": torch.where(rows["labels"] != IGNORE_INDEX, torch.arange(len(examples))[:, None], -1)}
+
+
+def shared_prompt_rows(pieces: list[tuple[list[int], list[list[int]]]], pad_token_id: int) -> dict:
+    """One training row for each prompt and its replies, the prompt computed once.
+
+    A row holds the prompt less its last token, then each reply as a block that starts again from the prompt's last
+    token (whose output predicts the reply's first token, a different target in each block): positions continue
+    from the prompt in every block, and a block attends to the shared prompt and to itself, causally, through a 4D
+    mask (as packed rows do). G replies of R tokens to a prompt of P tokens cost P + G·(R + 1) positions instead of
+    G·(P + R). `reply_of` names the reply of each label (-1: none); rows are right-padded, padding a block of its own.
+    """
+    rows, reply = [], 0
+    for prompt, completions in pieces:
+        shared = len(prompt) - 1
+        ids, positions, labels = list(prompt[:-1]), list(range(shared)), [IGNORE_INDEX] * shared
+        blocks, reply_of = [0] * shared, [-1] * shared
+        for number, completion in enumerate(completions, 1):
+            ids += [prompt[-1], *completion]
+            positions += range(shared, shared + 1 + len(completion))
+            labels += [IGNORE_INDEX, *completion]
+            blocks += [number] * (1 + len(completion))
+            reply_of += [-1] + [reply] * len(completion)
+            reply += 1
+        rows.append((ids, positions, labels, blocks, reply_of))
+    width = max(len(row[0]) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)  # padding counts up from 0: a span of its own
+    blocks = torch.full(shape, -1, dtype=torch.long)
+    reply_of = torch.full(shape, -1, dtype=torch.long)
+    for r, (ids, positions, row_labels, row_blocks, row_replies) in enumerate(rows):
+        n = len(ids)
+        input_ids[r, :n], labels[r, :n] = torch.tensor(ids), torch.tensor(row_labels)
+        position_ids[r, :n] = torch.tensor(positions)
+        position_ids[r, n:] = torch.arange(width - n)
+        blocks[r, :n], reply_of[r, :n] = torch.tensor(row_blocks), torch.tensor(row_replies)
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()
+    query, key = blocks[:, :, None], blocks[:, None, :]
+    mask = causal & ((query == key) | ((key == 0) & (query >= 0)))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask[:, None],
+            "reply_of": reply_of, "row_tokens": torch.tensor([len(row[0]) for row in rows])}
 
 
 def _adapter_name(model) -> str:
