@@ -11,7 +11,9 @@
 #   3. a profile of ftlab's training step: GPU time by kind of kernel, and how busy the GPU was;
 #   4. the decoding engine (scripts/bench_engine.py): 64 concurrent requests over the 8B shapes with 4
 #      adapters and base rows in one batch, output tokens/s against one client;
-#   5. if time is left, ftlab with train.liger_kernel=true and with train.compile=true.
+#   5. reinforcement fine-tuning (scripts/bench_rft.py): ftlab against TRL's GRPOTrainer, QLoRA on the 8B
+#      shapes, 4 steps of 2 prompts x 8 samples: seconds a step, peak memory;
+#   6. if time is left, ftlab with train.liger_kernel=true and with train.compile=true.
 # Each part runs under its own time limit and a failing part does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +61,12 @@ if [ "$(left)" -gt 90 ]; then
     --backbone llama-3.1-8b-random --adapters 4 --clients 1,64 --requests 2 --prompt-tokens 256 --max-tokens 128 \
     --max-batch-size 64 --cache-dir "$CACHE" --json "$OUT/gpu-llama8b-engine-$stamp.json" 2>&1 \
     | tee "$OUT/gpu-llama8b-engine-$stamp.log" || status=1
+fi
+if [ "$(left)" -gt 120 ]; then
+  echo "== reinforcement fine-tuning: ftlab vs TRL's GRPOTrainer, Llama-3.1-8B shapes, QLoRA ($(left) s left)"
+  timeout "$(( $(left) - 30 ))" "$PYTHON" scripts/bench_rft.py --device cuda --precision bf16 \
+    --backbone llama-3.1-8b-random --steps 4 --cache-dir "$CACHE" --out "$OUT/gpu-llama8b-rft-$stamp.json" 2>&1 \
+    | tee "$OUT/gpu-llama8b-rft-$stamp.log" || status=1
 fi
 for option in liger compiled; do  # each in its own run, so a compile that runs out of time costs only itself
   if [ "$(left)" -gt 100 ]; then

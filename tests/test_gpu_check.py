@@ -136,3 +136,28 @@ def test_gpu_check_benches_the_engine_on_8b_shapes_with_four_adapters(tmp_path, 
     assert [level["clients"] for level in record["levels"]] == [1, 4]
     assert all(level["output_tokens"] == level["requests"] * 4 for level in record["levels"])
     assert record["levels"][1]["rows_per_step"] > 1 and len(record["layouts"]) == 3
+
+
+def test_gpu_check_benches_reinforcement_on_8b_shapes_and_the_bench_reads_back(tmp_path, cache_dir):
+    import re
+    import shlex
+
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    call = re.search(r"scripts/bench_rft.py (.*?)2>&1", script, re.S).group(1)
+    words = shlex.split(call.replace("\\\n", " ").replace("$CACHE", "/tmp/cache").replace("$OUT", "/tmp/out")
+                        .replace("$stamp", "today"))
+    bench = load_script("bench_rft")
+    args = bench.parse_args(words)
+    assert (args.device, args.precision, args.backbone, args.group, args.prompts) == \
+        ("cuda", "bf16", "llama-3.1-8b-random", 8, 2)
+    assert bench.reward("It is Paris.", "paris") == pytest.approx(0.6 + 0.4)  # right, and 3 words
+    assert bench.reward(" ".join(["word"] * 40), "Paris") == 0.0
+    run = {"step_seconds": [9.0, 2.0, 3.0, 4.0], "train_rewards": [0.1, 0.2, 0.3, 0.5, 0.6, 0.7],
+           "heldout_reward": 0.5, "wall_seconds": 30.0, "peak_rss_mb": 2000.0}
+    summary = bench.summarise(run)
+    assert summary["median_step_s"] == 3.0 and summary["first3_reward"] == pytest.approx(0.2)
+    assert "ftlab/trl" in bench.table({"ftlab": summary, "trl": summary | {"median_step_s": 6.0}})
+    # ftlab's runner on the tiny Llama: a real job, its steps timed, its held-out reward read back
+    result = bench.run_ftlab(bench.parse_args(["--backbone", "tiny-llama", "--steps", "2", "--group", "2",
+                                               "--max-new-tokens", "3", "--cache-dir", cache_dir]))
+    assert len(result["step_seconds"]) == 2 and len(result["train_rewards"]) == 2 and 0 <= result["heldout_reward"] <= 1
