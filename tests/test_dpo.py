@@ -1,0 +1,102 @@
+"""Preference fine-tuning (method=dpo) on the tiny Llama: the file's rules at their lines, the first step's loss
+is ln 2 from a base family and from an ft: model, the metrics' record, and jobs.create through the client."""
+import csv
+import json
+import math
+
+import openai
+import pytest
+
+from tests.conftest import saved_adapter, write_jsonl
+from tests.live_server import live_server
+from tests.test_serve import client_for, wait_for
+from trainer.data.tokens import get_encoding
+from trainer.data.validate import validate_file
+from trainer.schema import DataFormat
+from trainer.train import run_training
+
+
+def pair(question: str, good: str, bad: str) -> dict:
+    return {"input": {"messages": [{"role": "user", "content": question}]},
+            "preferred_output": [{"role": "assistant", "content": good}],
+            "non_preferred_output": [{"role": "assistant", "content": bad}]}
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    train = write_jsonl(tmp_path / "pairs.jsonl", [pair(f"What is {i} + {i}?", str(2 * i), f"Well, it is {2 * i}.")
+                                                   for i in range(10)])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [pair(f"What is {i} + 1?", str(i + 1), f"Hmm, {i + 1}.")
+                                                   for i in range(3)])
+    return train, valid
+
+
+def dpo_cfg(make_cfg, pair_files, *overrides):
+    train, valid = pair_files
+    return make_cfg("method=dpo", "data=custom", f"data.train_file={train}", f"data.validation_file={valid}",
+                    "train.n_epochs=1", "train.batch_size=5", "lora.dropout=0.0", *overrides)
+
+
+def test_preference_lines_are_checked_as_the_hosted_service_checks_them(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        pair("q", "a", "b"),
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},  # a supervised line
+        pair("q", "a", "b") | {"extra": 1},
+        {"input": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]},
+         "preferred_output": [{"role": "assistant", "content": "a"}],
+         "non_preferred_output": [{"role": "assistant", "content": "b"}]},
+        pair("q", "a", "b") | {"preferred_output": [{"role": "user", "content": "a"}]},
+        pair("q", "same", "same"),
+    ])
+    report = validate_file(path, DataFormat.preference, get_encoding("cl100k_base"), 4096)
+    errors = {(issue.line, issue.code) for issue in report.listed("error")}
+    assert {(2, "wrong_format"), (3, "unrecognized_preference_key"), (4, "input_ends_with_assistant"),
+            (5, "invalid_output")} <= errors
+    assert not {line for line, _ in errors} & {1, 6}
+    assert (6, "identical_outputs") in {(issue.line, issue.code) for issue in report.listed("warning")}
+
+
+@pytest.mark.parametrize("from_ft_model", [False, True])
+def test_the_first_step_loss_is_ln_2_from_a_family_and_from_an_ft_model(make_cfg, pair_files, tmp_path, from_ft_model):
+    """The reference is the policy before training: the backbone, or the parent ft: model's adapter."""
+    overrides = []
+    if from_ft_model:
+        saved_adapter(make_cfg(), tmp_path / "parent", std=0.5)  # a parent whose adapter changes the model
+        overrides.append(f"init_adapter={tmp_path / 'parent'}")
+    run_dir = tmp_path / "run"
+    assert run_training(dpo_cfg(make_cfg, pair_files, *overrides), run_dir) == 0
+    rows = list(csv.DictReader(open(run_dir / "results.csv")))
+    assert float(rows[0]["train_loss"]) == pytest.approx(math.log(2), abs=1e-4)
+    assert float(rows[0]["train_accuracy"]) in (0.0, 0.5, 1.0) or 0 <= float(rows[0]["train_accuracy"]) <= 1
+    method_rows = list(csv.DictReader(open(run_dir / "preference_results.csv")))
+    assert float(method_rows[0]["train_reward_margin"]) == pytest.approx(0.0, abs=1e-3)
+    assert method_rows[-1]["valid_reward_accuracy"] != ""
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["hyperparameters"]["beta"] == 0.1
+
+
+def test_a_dpo_job_through_the_official_client(tmp_path, cache_dir, pair_files):
+    overrides = ["backbone=tiny-llama", "logger=none", "train.device=cpu", "train.precision=fp32",
+                 f"cache_dir={cache_dir}", "moderation=off"]
+    with live_server(tmp_path / "root", overrides) as (url, _):
+        client = client_for(url)
+        train, valid = (client.files.create(file=open(path, "rb"), purpose="fine-tune").id for path in pair_files)
+        with pytest.raises(openai.BadRequestError, match="beta"):
+            client.fine_tuning.jobs.create(model="gpt-3.5-turbo", training_file=train,
+                                           method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}})
+        job = client.fine_tuning.jobs.create(model="gpt-3.5-turbo", training_file=train, validation_file=valid,
+                                             method={"type": "dpo", "dpo": {"hyperparameters": {
+                                                 "beta": 0.2, "n_epochs": 1, "batch_size": 5}}})
+        job = wait_for(client, job.id)
+        assert job.status == "succeeded", job.error
+        assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+        reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
+                                               messages=[{"role": "user", "content": "What is 2 + 2?"}])
+        assert reply.choices[0].message.content is not None
+        supervised_file = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [
+            {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(10)])
+        wrong = client.files.create(file=open(supervised_file, "rb"), purpose="fine-tune").id
+        failed = wait_for(client, client.fine_tuning.jobs.create(
+            model="gpt-3.5-turbo", training_file=wrong, method={"type": "dpo"}).id)
+        assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+        assert "preferred_output" in failed.error.message  # names the format the job expects
