@@ -270,6 +270,28 @@ def test_a_reinforcement_job_page_charts_rewards_and_shows_sampled_answers(page,
     expect(page.locator("#reward-facts")).to_contain_text("Grader errors")
 
 
+def test_a_dpo_job_page_charts_reward_accuracy_and_margins(page, served, http, tmp_path):
+    pairs = [{"input": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]},
+              "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+              "non_preferred_output": [{"role": "assistant", "content": f"Well, {2 * i}."}]} for i in range(10)]
+    with open(write_jsonl(tmp_path / "pairs.jsonl", pairs), "rb") as handle:
+        file_id = http.post("/v1/files", files={"file": ("pairs.jsonl", handle)}, data={"purpose": "fine-tune"}).json()["id"]
+    job = http.post("/v1/fine_tuning/jobs", json={"model": "gpt-3.5-turbo", "training_file": file_id, "method": {
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 5}}}}).json()
+    assert wait_job(http, job["id"])["status"] == "succeeded"
+    page.goto(f"{served[0]}/new?file={file_id}")  # the new-job page knows a preference file and shows its lengths
+    expect(page.locator("#method")).to_have_value("dpo")
+    for length in ("prompt tokens", "non-preferred tokens"):
+        expect(page.locator("#report table.stats")).to_contain_text(length)
+    page.goto(f"{served[0]}/jobs/{job['id']}")
+    expect(page.locator("#preference-panel")).to_be_visible()
+    expect(page.locator('#preference-accuracy-chart path.line[data-series="training reward accuracy"]')).to_have_attribute(
+        "d", re.compile(r"^M[\d.]+,[\d.]+L"))
+    expect(page.locator('#preference-reward-chart path.line[data-series="training reward margin"]')).to_have_attribute(
+        "d", re.compile("^M"))
+    expect(page.locator("#rewards-panel")).to_be_hidden()
+
+
 def test_pause_resume_and_cancel_from_the_job_page(page, served, http, files):
     base, _ = served
     with open(files["good"], "rb") as handle:

@@ -112,6 +112,30 @@ function drawCharts() {
   fill($("accuracy-legend"), legend([["training", "train", "train_mean_token_accuracy"],
     ["validation", "validation", "valid_mean_token_accuracy"]]));
   drawRewards(series, legend);
+  drawPreferences(series, legend);
+}
+
+// A DPO job's preference metrics (its preference_results.csv): reward accuracy, and the rewards themselves.
+function drawPreferences(series, legend) {
+  const preferring = series("train_reward_accuracy").length > 0;
+  $("preference-panel").hidden = !preferring;
+  if (!preferring) return;
+  lineChart($("preference-accuracy-chart"), {
+    series: [{ name: "training reward accuracy", color: COLORS.train, points: series("train_reward_accuracy") },
+      { name: "validation reward accuracy", color: COLORS.validation, points: series("valid_reward_accuracy") }],
+    smoothing: smoothing(), yName: "accuracy", readout: $("preference-accuracy-readout"),
+  });
+  lineChart($("preference-reward-chart"), {
+    series: [{ name: "validation reward margin", color: COLORS.validation, points: series("valid_reward_margin") },
+      { name: "training reward margin", color: COLORS.train, points: series("train_reward_margin") },
+      { name: "training preferred reward", color: COLORS.train, points: series("train_chosen_reward") },
+      { name: "training non-preferred reward", color: COLORS.validation, points: series("train_rejected_reward") }],
+    smoothing: smoothing(), yName: "reward", readout: $("preference-reward-readout"),
+  });
+  fill($("preference-accuracy-legend"), legend([["training", "train", "train_reward_accuracy"],
+    ["validation", "validation", "valid_reward_accuracy"]]));
+  fill($("preference-reward-legend"), legend([["training margin", "train", "train_reward_margin"],
+    ["validation margin", "validation", "valid_reward_margin"]]));
 }
 
 // A reinforcement job's rewards (its reward_results.csv): mean reward and reply length, training and validation.

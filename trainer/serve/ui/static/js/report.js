@@ -43,8 +43,11 @@ export function validationView(validation) {
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "per example"), ["min", "mean", "median", "max"].map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", {},
         distribution("tokens", stats.total_tokens_per_example),
-        distribution("assistant tokens", stats.assistant_tokens_per_example),
+        distribution("assistant tokens", stats.preferred_tokens_per_example ? null : stats.assistant_tokens_per_example),
         distribution("completion tokens", stats.completion_tokens_per_example),
+        distribution("prompt tokens", stats.prompt_tokens_per_example),
+        distribution("preferred tokens", stats.preferred_tokens_per_example),
+        distribution("non-preferred tokens", stats.non_preferred_tokens_per_example),
         distribution("messages", stats.messages_per_example))));
   }
   return parts;
