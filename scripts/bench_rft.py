@@ -152,12 +152,43 @@ def run_trl(args) -> dict:
             "heldout_reward": sum(scores) / len(scores)}
 
 
-def child(args) -> None:
+def child_process(args, runner) -> int:
+    """In a runner's own process: run it, and leave its result, time and peak RSS in `args.result`."""
     started = time.perf_counter()
-    result = (run_ftlab if args.child == "ftlab" else run_trl)(args)
+    result = runner(args)
     result |= {"runner": args.child, "process_seconds": time.perf_counter() - started,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def run_children(args, script: str) -> dict:
+    """Each runner of `args.runners` as a process of its own running `script --child <runner>`, one after the
+    other; their results, with the whole process's wall time."""
+    runs = {}
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TRANSFORMERS_OFFLINE": "1"}
+    for runner in args.runners.split(","):
+        with tempfile.NamedTemporaryFile(suffix=".json") as result:
+            command = [sys.executable, script, "--child", runner, "--result", result.name, *child_arguments(args)]
+            started = time.perf_counter()
+            print(f"running {runner}…", flush=True)
+            subprocess.run(command, check=True, env=env, cwd=REPO)
+            runs[runner] = json.loads(Path(result.name).read_text()) | {"wall_seconds": time.perf_counter() - started}
+    return runs
+
+
+def save(args, summaries: dict, runs: dict) -> None:
+    """The run's JSON at `args.out`: when, the arguments, the machine, the figures and the raw results."""
+    import torch
+
+    report = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "args": {k: v for k, v in vars(args).items() if k not in ("child", "result", "out")},
+              "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                              "cpu_count": os.cpu_count(), "machine": platform.machine()},
+              "summaries": summaries, "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
 
 
 # ---- the parent ----------------------------------------------------------------------------------
@@ -174,8 +205,8 @@ def summarise(run: dict) -> dict:
 
 def table(summaries: dict) -> str:
     """The figures side by side, with ftlab / TRL ratios."""
-    keys = ["median_step_s", "steps_per_s", "process_s", "peak_rss_mb", "first3_reward", "last3_reward", "heldout_reward"]
     runners = list(summaries)
+    keys = list(summaries[runners[0]])
     out = [f"{'':<16}" + "".join(f"{r:>12}" for r in runners) + ("   ftlab/trl" if len(runners) == 2 else "")]
     for key in keys:
         values = [summaries[r][key] for r in runners]
@@ -198,30 +229,12 @@ def child_arguments(args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        child(args)
-        return 0
-    runs = {}
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TRANSFORMERS_OFFLINE": "1"}
-    for runner in args.runners.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json") as result:
-            command = [sys.executable, __file__, "--child", runner, "--result", result.name, *child_arguments(args)]
-            started = time.perf_counter()
-            print(f"running {runner}…", flush=True)
-            subprocess.run(command, check=True, env=env, cwd=REPO)
-            runs[runner] = json.loads(Path(result.name).read_text()) | {"wall_seconds": time.perf_counter() - started}
+        return child_process(args, {"ftlab": run_ftlab, "trl": run_trl}[args.child])
+    runs = run_children(args, __file__)
     summaries = {runner: summarise(run) for runner, run in runs.items()}
     print(table(summaries))
     if args.out:
-        import torch
-
-        report = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "args": {k: v for k, v in vars(args).items() if k not in ("child", "result", "out")},
-                  "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                                  "cpu_count": os.cpu_count(), "machine": platform.machine()},
-                  "summaries": summaries, "runs": runs}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+        save(args, summaries, runs)
     return 0
 
 

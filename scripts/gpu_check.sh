@@ -13,7 +13,9 @@
 #      adapters and base rows in one batch, output tokens/s against one client;
 #   5. reinforcement fine-tuning (scripts/bench_rft.py): ftlab against TRL's GRPOTrainer, QLoRA on the 8B
 #      shapes, 4 steps of 2 prompts x 8 samples: seconds a step, peak memory;
-#   6. if time is left, ftlab with train.liger_kernel=true and with train.compile=true.
+#   6. preference fine-tuning (scripts/bench_dpo.py): ftlab against TRL's DPOTrainer, QLoRA on the 8B shapes,
+#      4 steps of 4 pairs: pairs a second, peak memory;
+#   7. if time is left, ftlab with train.liger_kernel=true and with train.compile=true.
 # Each part runs under its own time limit and a failing part does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +69,12 @@ if [ "$(left)" -gt 120 ]; then
   timeout "$(( $(left) - 30 ))" "$PYTHON" scripts/bench_rft.py --device cuda --precision bf16 \
     --backbone llama-3.1-8b-random --steps 4 --cache-dir "$CACHE" --out "$OUT/gpu-llama8b-rft-$stamp.json" 2>&1 \
     | tee "$OUT/gpu-llama8b-rft-$stamp.log" || status=1
+fi
+if [ "$(left)" -gt 120 ]; then
+  echo "== preference fine-tuning: ftlab vs TRL's DPOTrainer, Llama-3.1-8B shapes, QLoRA ($(left) s left)"
+  timeout "$(( $(left) - 30 ))" "$PYTHON" scripts/bench_dpo.py --device cuda --precision bf16 \
+    --backbone llama-3.1-8b-random --steps 4 --cache-dir "$CACHE" --out "$OUT/gpu-llama8b-dpo-$stamp.json" 2>&1 \
+    | tee "$OUT/gpu-llama8b-dpo-$stamp.log" || status=1
 fi
 for option in liger compiled; do  # each in its own run, so a compile that runs out of time costs only itself
   if [ "$(left)" -gt 100 ]; then

@@ -161,3 +161,21 @@ def test_gpu_check_benches_reinforcement_on_8b_shapes_and_the_bench_reads_back(t
     result = bench.run_ftlab(bench.parse_args(["--backbone", "tiny-llama", "--steps", "2", "--group", "2",
                                                "--max-new-tokens", "3", "--cache-dir", cache_dir]))
     assert len(result["step_seconds"]) == 2 and len(result["train_rewards"]) == 2 and 0 <= result["heldout_reward"] <= 1
+
+
+def test_the_dpo_bench_shares_the_harness_and_its_ftlab_runner_trains(cache_dir):
+    import re
+    import shlex
+
+    bench = load_script("bench_dpo")
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    call = re.search(r"scripts/bench_dpo.py (.*?)2>&1", script, re.S).group(1)
+    words = shlex.split(call.replace("\\\n", " ").replace("$CACHE", "/tmp/cache").replace("$OUT", "/tmp/out")
+                        .replace("$stamp", "today"))
+    assert (bench.parse_args(words).backbone, bench.parse_args(words).device) == ("llama-3.1-8b-random", "cuda")
+    args = bench.parse_args(["--backbone", "tiny-llama", "--steps", "2", "--prompts", "2", "--cache-dir", cache_dir])
+    assert args.pairs == 4
+    result = bench.run_ftlab(args)
+    assert len(result["step_seconds"]) == 2 and result["losses"][0] == pytest.approx(0.6931, abs=1e-3)
+    summary = bench.summarise(result | {"wall_seconds": 10.0, "peak_rss_mb": 900.0}, args.pairs)
+    assert summary["pairs_per_s"] > 0 and "pairs_per_s" in bench.bench_rft.table({"ftlab": summary, "trl": summary})
