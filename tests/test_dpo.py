@@ -100,3 +100,18 @@ def test_a_dpo_job_through_the_official_client(tmp_path, cache_dir, pair_files):
             model="gpt-3.5-turbo", training_file=wrong, method={"type": "dpo"}).id)
         assert failed.status == "failed" and failed.error.code == "invalid_training_file"
         assert "preferred_output" in failed.error.message  # names the format the job expects
+
+
+def test_eval_of_a_dpo_job_reports_its_preferences_beside_the_replies(make_cfg, pair_files, tmp_path, cache_dir):
+    from tests.test_chat import train_job, use_cfg
+    from trainer.evaluate import evaluate_main
+
+    train, valid = pair_files
+    run_dir = train_job(cache_dir, tmp_path, "method=dpo", "data=custom", f"data.train_file={train}",
+                        f"data.validation_file={valid}", "lora.dropout=0.0", "train.learning_rate_multiplier=10")
+    assert evaluate_main(use_cfg(cache_dir, run_dir, "eval.max_new_tokens=3")) == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    base, tuned = report["models"]["base"], report["models"]["fine_tuned"]
+    assert 0 <= base["preferred_more_likely"] <= 1 and "reward_accuracy" not in base  # rewards are against the base
+    assert tuned["reward_accuracy"] > 0.5 and tuned["reward_margin"] > 0  # trained toward the preferred replies
+    assert len(tuned["replies"]) == 3 and report["references"][0] == "1"  # the preferred output is the answer

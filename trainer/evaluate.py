@@ -38,6 +38,7 @@ from trainer.inference import (
 )
 from trainer.data.jsonl import DataFileError, load_examples
 from trainer.data.tokenize import tokenize_examples
+from trainer.data.tokens import file_format
 from trainer.data.tools import CALL_OPEN, assistant_text, declared_tools, message_calls, parse_tool_calls
 from trainer.files import write_json
 from trainer.jobs import JobNotFound
@@ -239,6 +240,10 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
     path = resolve_data_path(cfg.data.validation_file)
     examples = load_examples(path)
     tokenizer, model = loaded.tokenizer, loaded.model
+    pairs_metrics = None
+    if file_format(cfg) == DataFormat.preference:  # a DPO job: its pairs, and the preferred replies as answers
+        pairs_metrics = preference_metrics(cfg, loaded, examples, console)
+        examples = [(line, preferred_example(example)) for line, example in examples]
     disabled = model.disable_adapter if hasattr(model, "disable_adapter") else contextlib.nullcontext
 
     dataset = tokenize_examples(examples, tokenizer, chat=chat,
@@ -289,6 +294,8 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
         }
 
     models = {BASE: measure(BASE, scores[BASE]), FINE_TUNED: measure(FINE_TUNED, scores[FINE_TUNED])}
+    for name, values in (pairs_metrics or {}).items():
+        models[name] |= values
     report = {
         "object": "ftlab.eval",
         "job": loaded.job.id if loaded.job else None,
@@ -319,8 +326,56 @@ def run_eval(cfg: DictConfig, loaded, console: Console | None = None) -> dict:
     return report
 
 
+def preferred_example(example: dict) -> dict:
+    """A preference line as the chat example whose reply is its preferred output (for the loss and the replies)."""
+    source = example["input"]
+    return {key: value for key, value in source.items() if key != "messages"} | {
+        "messages": source["messages"] + example["preferred_output"]}
+
+
+def preference_metrics(cfg: DictConfig, loaded, examples: list, console: Console) -> dict:
+    """On the validation pairs: how often each model finds the preferred output more likely (mean log-prob a
+    token), and the fine-tuned model's DPO reward accuracy and margin with the base as the reference."""
+    import torch
+
+    from trainer.data.pairs import pair_batch, tokenize_pairs
+    from trainer.hyperparams import resolve_beta
+    from trainer.methods.dpo import sequence_log_probs
+
+    started = time.perf_counter()
+    dataset = tokenize_pairs(examples, loaded.tokenizer, cfg.train.max_length or cfg.model.context_length)
+    model, beta = loaded.model, resolve_beta(cfg.method.dpo.beta)
+    lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in dataset.pairs], dtype=torch.float32)
+
+    def log_probs() -> torch.Tensor:
+        parts = []
+        for start in range(0, len(dataset.pairs), cfg.eval.batch_size):
+            indices = list(range(start, min(start + cfg.eval.batch_size, len(dataset.pairs))))
+            batch = pair_batch(dataset, indices, loaded.tokenizer.pad_token_id, packing=False, row_length=None)
+            batch = {key: value.to(loaded.device) for key, value in batch.items()}
+            parts.append(sequence_log_probs(model, batch).view(-1, 2).float().cpu())
+        return torch.cat(parts)
+
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = log_probs()
+        tuned = log_probs()
+    rewards = beta * (tuned - base)
+    console.print(f"[dim]{len(dataset.pairs)} validation pairs scored in {time.perf_counter() - started:.1f} s[/]",
+                  highlight=False)
+
+    def preferred_more_likely(scores: torch.Tensor) -> float:
+        per_token = scores / lengths.clamp(min=1)
+        return float((per_token[:, 0] > per_token[:, 1]).float().mean())
+
+    return {BASE: {"preferred_more_likely": preferred_more_likely(base)},
+            FINE_TUNED: {"preferred_more_likely": preferred_more_likely(tuned),
+                         "reward_accuracy": float((rewards[:, 0] > rewards[:, 1]).float().mean()),
+                         "reward_margin": float((rewards[:, 0] - rewards[:, 1]).mean())}}
+
+
 # ---- showing ---------------------------------------------------------------------------------
-QUALITY_KEYS = ["valid_loss", "valid_mean_token_accuracy", "json_valid", "schema_match", "field_accuracy",
+QUALITY_KEYS = ["valid_loss", "valid_mean_token_accuracy", "preferred_more_likely", "reward_accuracy", "reward_margin", "json_valid", "schema_match", "field_accuracy",
                 "tool_name_accuracy", "arguments_valid", "argument_field_accuracy", "call_exact_match", "no_call_rate",
                 "exact_match", "terse_rate", "signoff_rate", "mean_words"]
 COST_KEYS = ["prompt_tokens_per_request", "output_tokens_per_request", "usd_per_1k_requests"]
@@ -331,9 +386,9 @@ def _fmt(key: str, value) -> str:
         return "-"
     if key == "usd_per_1k_requests":
         return f"${value:.4f}"
-    if key.endswith(("_rate", "_match", "_valid", "accuracy")):
+    if key.endswith(("_rate", "_match", "_valid", "accuracy", "_likely")):
         return f"{value:.1%}"
-    return f"{value:.3f}" if key == "valid_loss" else f"{value:.1f}"
+    return f"{value:.3f}" if key in ("valid_loss", "reward_margin") else f"{value:.1f}"
 
 
 def print_report(report: dict, console: Console) -> None:
@@ -345,8 +400,8 @@ def print_report(report: dict, console: Console) -> None:
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
     for key in QUALITY_KEYS + COST_KEYS:
-        if key in base:
-            table.add_row(key, _fmt(key, base[key]), _fmt(key, tuned[key]))
+        if key in base or key in tuned:  # a DPO job's rewards are the fine-tuned model's, against the base
+            table.add_row(key, _fmt(key, base.get(key)), _fmt(key, tuned.get(key)))
     console.print(table)
     comparison = report.get("prompt_comparison")
     if comparison:
