@@ -40,6 +40,9 @@ def test_terse_tone_and_exact_metrics():
     assert tone["signoff_rate"] == 0.5
     exact = task_metrics("exact", [" billing", "Billing.", "shipping"], [" billing\n"] * 3, EVAL)
     assert exact["exact_match"] == pytest.approx(2 / 3)
+    preference = task_metrics("preference", ["Stockholm.", "The capital of Sweden is Stockholm, a city on fourteen "
+                                             "islands.", "Oslo."], ["Stockholm."] * 3, EVAL)
+    assert preference["fact_kept_rate"] == pytest.approx(2 / 3) and preference["terse_rate"] == pytest.approx(2 / 3)
 
 
 def test_prompts_for_the_comparison():

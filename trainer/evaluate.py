@@ -142,6 +142,9 @@ def task_metrics(task: str | None, replies: list[str], references: list[str], ev
         metrics["terse_rate"] = sum(_words(r) <= eval_cfg.max_words for r in replies) / n
     if task == "tone":
         metrics["signoff_rate"] = sum(r.rstrip().endswith(eval_cfg.signoff) for r in replies) / n
+    if task == "preference":  # short factual answers preferred: is the fact still there, and how short is the reply
+        metrics["fact_kept_rate"] = sum(_normal(t).rstrip(".") in _normal(r) for r, t in zip(replies, references)) / n
+        metrics["terse_rate"] = sum(_words(r) <= eval_cfg.max_words for r in replies) / n
     metrics["mean_words"] = sum(_words(r) for r in replies) / n
     return metrics
 
@@ -377,7 +380,7 @@ def preference_metrics(cfg: DictConfig, loaded, examples: list, console: Console
 # ---- showing ---------------------------------------------------------------------------------
 QUALITY_KEYS = ["valid_loss", "valid_mean_token_accuracy", "preferred_more_likely", "reward_accuracy", "reward_margin", "json_valid", "schema_match", "field_accuracy",
                 "tool_name_accuracy", "arguments_valid", "argument_field_accuracy", "call_exact_match", "no_call_rate",
-                "exact_match", "terse_rate", "signoff_rate", "mean_words"]
+                "exact_match", "fact_kept_rate", "terse_rate", "signoff_rate", "mean_words"]
 COST_KEYS = ["prompt_tokens_per_request", "output_tokens_per_request", "usd_per_1k_requests"]
 
 
