@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from trainer.compose import CONFIG_DIR, quote_value
+from trainer.preemption import REQUEUED_EXIT, requeue_unless_under_way
 from trainer.schema import register_configs
 
 _exit_codes: list[int] = []
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                 _exit_codes.append(2)
                 return 2
         code = function(cfg)
+        if code == REQUEUED_EXIT:  # Slurm runs this job again: end the process now, so that submitit records no
+            requeue_unless_under_way()  # result for it (a sweep's job runs in submitit's process; its launcher
+            sys.exit(code)  # waits on)
         _exit_codes.append(code)
         if verb == "train" and not cfg.resume:
             from trainer.sweep import objective

@@ -1,5 +1,7 @@
 """Data-parallel training with torch.distributed: the same entrypoint under `torchrun` or
-`accelerate launch` (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR).
+`accelerate launch` (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), or as the tasks of a
+Slurm job step (`srun`, several tasks: SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, the
+step's first node as the master, a port from the job id unless MASTER_PORT is set).
 
 A launcher's single process (`torchrun --nproc_per_node 1`) joins a group of one, so DDP and
 FSDP wrap the model as they would on several GPUs: the same code path, checkable on one GPU.
@@ -32,14 +34,31 @@ class ProcessGroup:
 
 
 def launched() -> bool:
-    """Whether a launcher (torchrun, accelerate launch) started this process: it sets RANK and WORLD_SIZE."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """Whether a launcher started this process as one of several: torchrun and accelerate launch set RANK and
+    WORLD_SIZE; srun sets SLURM_STEP_NUM_TASKS in each task of a step (one task alone is a plain process)."""
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+            or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in os.environ)
+
+
+def slurm_rendezvous() -> dict:
+    """torch.distributed's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from a Slurm step's."""
+    import subprocess
+
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"]
+    first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    return {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"), "MASTER_ADDR": first,
+            "MASTER_PORT": str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)}
 
 
 def init_process_group(device: str) -> ProcessGroup:
     """Join the launcher's process group (gloo on CPU, nccl on CUDA); a plain process when not launched."""
     if not launched():
         return ProcessGroup()
+    if "RANK" not in os.environ:  # srun's tasks: what torchrun would have set, from Slurm's variables
+        for key, value in slurm_rendezvous().items():
+            os.environ.setdefault(key, value)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device == "cuda":

@@ -8,7 +8,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ from trainer.model import (
     resolve_runtime,
 )
 from trainer.paths import cache_dir
+from trainer.preemption import REQUEUED_EXIT, JobCancelled, StopSignals, resumes_after_requeue, slurm_runs_it_again
 from trainer.preflight import data_files
 from trainer.request import logger_options
 from trainer.plots import plot_losses
@@ -72,10 +72,6 @@ from trainer.run import (
 from trainer.schema import DataFormat
 
 
-class JobCancelled(Exception):
-    """Raised by the SIGTERM handler (and stands in for Ctrl-C) to stop a job cleanly."""
-
-
 SHORT_NAMES = {"valid_mean_token_accuracy": "valid_acc"}  # in the progress line
 
 
@@ -86,10 +82,6 @@ class JobFailed(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def _raise_cancelled(signum, frame):
-    raise JobCancelled(f"received signal {signal.Signals(signum).name}")
 
 
 def warmup_schedule(optimizer, total_steps: int, name: str = "linear", warmup_ratio: float = 0.05):
@@ -104,13 +96,15 @@ class FineTuningJob:
     """One fine-tuning job in one run directory."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, console: Console | None = None, resume: bool = False,
-                 group: ProcessGroup = ProcessGroup(), checkpoints_dir: Path | None = None):
+                 group: ProcessGroup = ProcessGroup(), checkpoints_dir: Path | None = None,
+                 stops: StopSignals | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.console = console or Console()
         self.resume = resume  # continue the job recorded in run_dir
         self.group = group  # this process's place among the launched ones (rank 0 keeps the record)
         self.checkpoints_dir = Path(checkpoints_dir or self.run_dir / "checkpoints")
+        self.stops = stops or StopSignals()  # the signals that stop the job (run_training installs them)
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.results = ResultsTable(self.run_dir / "results.csv")
         self.step = 0
@@ -305,7 +299,7 @@ class FineTuningJob:
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  mfu {task.fields[mfu]}"),
                    TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with self.stops.at_step_end(), Progress(*columns, console=self.console, transient=False) as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, loss="-", tps="-", mfu="-")
             first_epoch, first_batch = self.position
             for epoch in range(first_epoch, hp["n_epochs"]):
@@ -313,6 +307,7 @@ class FineTuningJob:
                 for batch_index, batch in enumerate(batches):
                     if epoch == first_epoch and batch_index < first_batch:
                         continue  # trained before the checkpoint this run resumed from
+                    self.stops.check(self._any_rank)  # a stop signal ends the job here, between two steps
                     if self.step >= self.total_steps:
                         break
                     metrics = self._optimizer_step(batch)
@@ -347,7 +342,12 @@ class FineTuningJob:
                     self.save_checkpoint(epoch=epoch + 1)
                 if self.step >= self.total_steps:
                     break
+            self.stops.check(self._any_rank)
         self.wall_seconds = time.perf_counter() - started
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (on one process: `flag`)."""
+        return sum_across(self.group, [float(flag)], self.runtime.device)[0] > 0
 
     def _progress_line(self, row: dict, speed: dict, elapsed: float) -> str:
         remaining = elapsed / max(self.step, 1) * (self.total_steps - self.step)
@@ -475,9 +475,17 @@ class FineTuningJob:
         """Close the job however it ended, at any point of setup or training.
 
         `cancelled` checkpoints first (so it can resume) and `failed` records `error` {code, message};
-        `succeeded` was recorded by `finish`. Then the logger is closed with the status.
+        `succeeded` was recorded by `finish`. `requeued` (Slurm runs the job again) checkpoints and leaves the job
+        `queued`: the next run resumes it. Then the logger is closed with the status.
         """
-        if self.job is not None and status != "succeeded":
+        if self.job is not None and status == "requeued":
+            if self.train_model is not None and self.step:
+                self.save_checkpoint()
+            self.job.update(status="queued", finished_at=None)
+            self.events.add(f"Job stopped ({reason}) at step {self.step} and requeued by Slurm (job "
+                            f"{os.environ.get('SLURM_JOB_ID')}): it resumes from its newest checkpoint when Slurm "
+                            "runs it again", level="warn", data={"step": self.step, "requeued": True})
+        elif self.job is not None and status != "succeeded":
             if status == "cancelled" and self.train_model is not None and self.step:
                 self.save_checkpoint()
             self.job.finish(status, error=error)
@@ -533,22 +541,24 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None, resume: bool = False) -> int:
-    """`ftlab train`: run (or resume) one job in `run_dir`; returns the exit code (0 ok, 1 failed, 130 cancelled)."""
+    """`ftlab train`: run (or resume) one job in `run_dir`; returns the exit code (0 ok, 1 failed, 130 cancelled,
+    75 stopped with a checkpoint for Slurm to run it again)."""
     console = console or Console()
+    resume = resume or resumes_after_requeue(run_dir)
     group = init_process_group(resolve_runtime(cfg.train).device)
     record_dir, checkpoints_dir = Path(run_dir), Path(run_dir) / "checkpoints"
     if not group.is_main:  # other ranks compute only; their scratch record is removed at the end
         record_dir, resume, console = Path(tempfile.mkdtemp(prefix=f"ftlab-rank{group.rank}-")), False, Console(quiet=True)
+    stops = StopSignals().install()
     job = FineTuningJob(cfg, record_dir, console, resume=resume, group=group,
-                        checkpoints_dir=checkpoints_dir if resume or not group.is_main else None)
+                        checkpoints_dir=checkpoints_dir if resume or not group.is_main else None, stops=stops)
     lock = RunLock(record_dir)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         lock.acquire(handed=group.is_main and os.environ.get(HANDED_LOCK_ENV) == "1")
     except Exception as error:  # noqa: BLE001 - the lock holder's job is left untouched
         code = getattr(error, "code", "locked")
         console.print(f"[red]refused[/] {escape(f'[{code}] {error}')}")
-        signal.signal(signal.SIGTERM, previous_handler)
+        stops.restore()
         return 1
     status = "failed"
     try:
@@ -558,6 +568,11 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
         status = "succeeded"
         job.cleanup(status)
     except (KeyboardInterrupt, JobCancelled) as stop:
+        if slurm_runs_it_again(stops.received):
+            job.cleanup("requeued", reason=str(stop))
+            console.print(f"[yellow]requeued[/] at step {job.step}: Slurm runs the job again and it resumes")
+            stops.pass_on()
+            return REQUEUED_EXIT
         status = "cancelled"
         job.cleanup(status, reason=str(stop))
         console.print(f"[yellow]cancelled[/] at step {job.step}; resume with: ftlab train resume={run_dir}")
@@ -573,7 +588,7 @@ def run_training(cfg: DictConfig, run_dir: Path, console: Console | None = None,
             console.print_exception(max_frames=8)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        stops.restore()
         lock.release()
         destroy(group)
         if not group.is_main:

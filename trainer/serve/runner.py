@@ -75,12 +75,12 @@ class JobRunner:
         self._wake_validator.set()
 
     def recover(self) -> None:
-        """Running jobs of a previous server: adopt a live process, resume a dead one."""
+        """Running jobs of a previous server: adopt a live process (or Slurm job), resume a dead one."""
         index = self.server.index
         for row in index.jobs_in("running"):
-            run_dir = Path(row["run_dir"])
-            if RunLock(run_dir).holder():
-                self.handles[row["id"]] = AdoptedHandle(run_dir)
+            handle = self.executor.adopt(Path(row["run_dir"]))
+            if handle is not None:
+                self.handles[row["id"]] = handle
                 log.info("adopted %s (its process outlived the last server)", row["id"])
             else:
                 self._finished(row, returncode=None)
@@ -173,7 +173,12 @@ class JobRunner:
                 else [f"resume={run_dir}"])  # taken verbatim by `ftlab train`, not parsed by Hydra
         if not fresh:
             job.update(status="queued")  # until the process marks it running
-        handle = self.executor.start(run_dir, args)
+        try:
+            handle = self.executor.start(run_dir, args)
+        except Exception as error:  # noqa: BLE001 - e.g. sbatch refusing the job's resources: the job fails saying why
+            log.exception("starting %s", row["id"])
+            return self._fail(row, "job_submission_failed", f"The job could not be started: {type(error).__name__}: "
+                              f"{str(error).strip()[:2000]}. Check the `executor` settings (partition, GPUs, memory)")
         if handle.pid is not None:
             try:
                 RunLock(run_dir).hand_to(handle.pid)  # before anything else: the job is never unlocked while it runs
@@ -267,9 +272,11 @@ class JobRunner:
         self.wake()
 
     def _signal(self, job_id: str, run_dir: Path) -> None:
-        """SIGTERM to the process training the job (it checkpoints, then stops), or to the one starting it."""
-        if cancel_job(run_dir) is None and job_id in self.handles:
+        """Stop the job's process the executor's way (SIGTERM, `scancel`): it checkpoints, then stops."""
+        if job_id in self.handles:
             self.handles[job_id].terminate()
+        else:
+            cancel_job(run_dir)
 
     def resume(self, job_id: str) -> None:
         """Put a paused job back in the queue; it continues from its newest checkpoint."""
