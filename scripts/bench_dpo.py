@@ -11,7 +11,8 @@ computes them once before training and keeps them with the tokenized data.
 
 Each runner is a process of its own (`--child`), timed by bench_rft's harness: median seconds a step (the
 first left out), pairs per second, the whole process's wall time and peak RSS, and the first and last
-training loss.
+training loss. `ftlab-two-sequences` is ftlab with each pair as two sequences (`method.dpo.shared_prompt=false`)
+rather than one row with its prompt once: what the shared prompt gives.
 """
 import json
 import statistics
@@ -27,13 +28,16 @@ REPO = bench_rft.REPO
 PAIRS = REPO / "trainer" / "samples" / "preference"
 
 
+RUNNERS = ("ftlab", "ftlab-two-sequences", "trl")  # ftlab-two-sequences: method.dpo.shared_prompt=false
+
+
 def parse_args(argv=None):
-    args = bench_rft.parse_args(argv)
+    args = bench_rft.parse_args(argv, RUNNERS)
     args.pairs = args.prompts * 2  # pairs a step: --prompts doubles as the batch, 4 by default
     return args
 
 
-def run_ftlab(args) -> dict:
+def run_ftlab(args, shared_prompt: bool = True) -> dict:
     from trainer.compose import compose
     from trainer.train import run_training
 
@@ -41,6 +45,7 @@ def run_ftlab(args) -> dict:
                    f"train.device={args.device}", f"train.precision={args.precision}", "lora.dropout=0.0",
                    f"train.batch_size={args.pairs}", f"train.max_steps={args.steps}", "train.checkpoint_every=0",
                    f"train.learning_rate_multiplier={args.learning_rate / 2e-4}", f"train.eval_every={10 ** 6}",
+                   f"method.dpo.shared_prompt={str(shared_prompt).lower()}",
                    *([f"cache_dir={args.cache_dir}"] if args.cache_dir else [])])
     run_dir = Path(tempfile.mkdtemp(prefix="bench-dpo-ftlab-"))
     if run_training(cfg, run_dir) != 0:
@@ -102,7 +107,8 @@ def summarise(run: dict, pairs: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    runners = {"ftlab": run_ftlab, "trl": run_trl}
+    runners = {"ftlab": run_ftlab, "ftlab-two-sequences": lambda args: run_ftlab(args, shared_prompt=False),
+               "trl": run_trl}
     if args.child:
         return bench_rft.child_process(args, runners[args.child])
     runs = bench_rft.run_children(args, __file__)

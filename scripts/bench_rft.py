@@ -35,7 +35,8 @@ SAMPLES = REPO / "trainer" / "samples" / "rft"
 RUNNERS = ("ftlab", "trl")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, runners: tuple[str, ...] = RUNNERS) -> argparse.Namespace:
+    """The settings shared by the RFT and DPO benches; `runners` are the script's (ftlab's first, TRL's last)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--prompts", type=int, default=2, help="prompts a step")
@@ -45,10 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="smollm2-135m-instruct", help="an ftlab backbone config")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--runners", default=",".join(RUNNERS))
+    parser.add_argument("--runners", default=",".join(runners))
     parser.add_argument("--cache-dir", default=None, help="ftlab's cache (converted backbones); default: its own")
     parser.add_argument("--out", default=None, help="where to keep the JSON (default: print only)")
-    parser.add_argument("--child", choices=RUNNERS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=runners, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -204,14 +205,17 @@ def summarise(run: dict) -> dict:
 
 
 def table(summaries: dict) -> str:
-    """The figures side by side, with ftlab / TRL ratios."""
+    """The figures side by side, with the ratios of the first runner to the last (ftlab / TRL)."""
     runners = list(summaries)
     keys = list(summaries[runners[0]])
-    out = [f"{'':<16}" + "".join(f"{r:>12}" for r in runners) + ("   ftlab/trl" if len(runners) == 2 else "")]
+    width = max(12, *(len(r) + 2 for r in runners))
+    compared = len(runners) >= 2
+    out = [f"{'':<16}" + "".join(f"{r:>{width}}" for r in runners)
+           + (f"{runners[0] + '/' + runners[-1]:>{width + 3}}" if compared else "")]
     for key in keys:
         values = [summaries[r][key] for r in runners]
-        ratio = f"{values[0] / values[1]:>12.2f}" if len(runners) == 2 and values[1] else ""
-        out.append(f"{key:<16}" + "".join(f"{v:>12}" for v in values) + ratio)
+        ratio = f"{values[0] / values[-1]:>{width + 3}.2f}" if compared and values[-1] else ""
+        out.append(f"{key:<16}" + "".join(f"{v:>{width}}" for v in values) + ratio)
     return "\n".join(out)
 
 

@@ -73,7 +73,8 @@ fi
 if [ "$(left)" -gt 120 ]; then
   echo "== preference fine-tuning: ftlab vs TRL's DPOTrainer, Llama-3.1-8B shapes, QLoRA ($(left) s left)"
   timeout "$(( $(left) - 30 ))" "$PYTHON" scripts/bench_dpo.py --device cuda --precision bf16 \
-    --backbone llama-3.1-8b-random --steps 4 --cache-dir "$CACHE" --out "$OUT/gpu-llama8b-dpo-$stamp.json" 2>&1 \
+    --backbone llama-3.1-8b-random --steps 4 --runners ftlab,trl --cache-dir "$CACHE" \
+    --out "$OUT/gpu-llama8b-dpo-$stamp.json" 2>&1 \
     | tee "$OUT/gpu-llama8b-dpo-$stamp.log" || status=1
 fi
 for option in liger compiled; do  # each in its own run, so a compile that runs out of time costs only itself

@@ -13,7 +13,7 @@ from tests.test_serve import client_for, wait_for
 from trainer.data.tokens import get_encoding
 from trainer.data.validate import validate_file
 from trainer.schema import DataFormat
-from trainer.train import run_training
+from trainer.train import FineTuningJob, run_training
 
 
 def pair(question: str, good: str, bad: str) -> dict:
@@ -73,6 +73,39 @@ def test_the_first_step_loss_is_ln_2_from_a_family_and_from_an_ft_model(make_cfg
     assert method_rows[-1]["valid_reward_accuracy"] != ""
     job = json.loads((run_dir / "job.json").read_text())
     assert job["hyperparameters"]["beta"] == 0.1
+
+
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_a_pair_in_one_row_with_its_prompt_once_trains_as_two_sequences(make_cfg, pair_files, tmp_path, packing):
+    """The shared-prompt row (the default) gives the loss, statistics and gradients of the pair's two sequences, padded
+    or packed (on a CPU, packed rows run ftlab's own attention), in fewer positions."""
+    import torch
+
+    from trainer.data.pairs import pair_batch
+
+    job = FineTuningJob(dpo_cfg(make_cfg, pair_files, f"train.packing={packing}"), tmp_path / "run")
+    job.setup()
+    assert job.objective.shared_prompt_width is not None
+    trainable = [p for p in job.model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for parameter in trainable:
+            parameter.normal_(0, 0.1)  # a policy that is not the reference: rewards are not 0
+
+    def run(width):
+        batch = pair_batch(job.train_data, [0, 3, 7], job.batching.pad_token_id, job.batching.packing,
+                           job.batching.row_length, shared_prompt_width=width)
+        loss, statistics = job.objective.forward(job.model, batch)
+        loss.backward()
+        gradients = [p.grad.clone() for p in trainable]
+        job.model.zero_grad()
+        return loss.item(), statistics, gradients, int((batch["input_ids"] != job.batching.pad_token_id).sum())
+
+    shared, separate = run(job.objective.shared_prompt_width), run(None)
+    assert shared[0] == pytest.approx(separate[0], abs=1e-5)
+    assert shared[1]["reward_margin"] == pytest.approx(separate[1]["reward_margin"], abs=1e-5)
+    assert shared[1]["chosen_reward"] == pytest.approx(separate[1]["chosen_reward"], abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared[2], separate[2]))
+    assert shared[3] < separate[3]
 
 
 def test_a_dpo_job_through_the_official_client(tmp_path, cache_dir, pair_files):

@@ -99,6 +99,7 @@ class DpoConfig:
     beta: Any = "auto"  # auto | float in (0, 2]: how far the policy may move from the reference (auto: 0.1)
     base_learning_rate: float = 2.0e-4  # DPO's learning rate at learning_rate_multiplier 1 (SFT's; README, Preference fine-tuning)
     rpo_alpha: Optional[float] = None  # weight of an NLL term on the preferred output (TRL's rpo_alpha); null: plain DPO
+    shared_prompt: bool = True  # a pair's outputs in one row after one copy of the prompt; false: two sequences a pair
 
 
 @dataclass

@@ -8,8 +8,10 @@ pair whose prompt alone fills `max_length` is dropped.
 
 A batch of k pairs holds 2k sequences, prompt + preferred at 2i and prompt + non-preferred at
 2i + 1, padded or packed exactly as supervised examples are (`trainer.data.tokenize`), so a pair's
-two outputs go through the same forward pass. ``sequence_index`` says which of the 2k sequences
-each position belongs to (-1 on padding); ``pair_index`` which pairs of the file the batch holds.
+two outputs go through the same forward pass. Or, with ``shared_prompt_width``, one row a pair: the
+prompt once, then each output attending to it and to itself (`shared_prompt_rows`), which spares
+the prompt's second copy. ``sequence_index`` says which of the 2k sequences each labelled position
+belongs to (-1 elsewhere); ``pair_index`` which pairs of the file the batch holds.
 """
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,6 +26,7 @@ from trainer.data.tokenize import (
     encode_conversation,
     fill_rows,
     pack,
+    shared_prompt_rows,
 )
 from trainer.data.tools import declared_tools
 
@@ -108,11 +111,19 @@ def sequence_layout(lengths: list[int], row_length: Optional[int], packing: bool
 
 
 def pair_batch(dataset: PairDataset, indices: list[int], pad_token_id: int, packing: bool,
-               row_length: Optional[int], weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """The batch of the pairs at `indices`: their 2k sequences, padded or packed, and what the loss needs."""
-    sequences = [sequence for i in indices for sequence in dataset.pairs[i].sequences()]
-    batch = pack(sequences, pad_token_id, row_length) if packing else collate(sequences, pad_token_id)
-    batch["sequence_index"] = sequence_layout([len(s.input_ids) for s in sequences], row_length, packing)
+               row_length: Optional[int], weight: float = 1.0,
+               shared_prompt_width: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """The batch of the pairs at `indices`: their 2k sequences, padded or packed, and what the loss needs; with
+    `shared_prompt_width`, one row a pair with its prompt once, when every such row fits that many tokens."""
+    pairs = [dataset.pairs[i] for i in indices]
+    width = max(len(p.prompt_ids) + 1 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    if shared_prompt_width is not None and width <= shared_prompt_width:
+        batch = shared_prompt_rows([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_token_id)
+        batch["sequence_index"] = batch.pop("reply_of")  # reply 2i is pair i's preferred output, 2i + 1 the other
+    else:
+        sequences = [sequence for p in pairs for sequence in p.sequences()]
+        batch = pack(sequences, pad_token_id, row_length) if packing else collate(sequences, pad_token_id)
+        batch["sequence_index"] = sequence_layout([len(s.input_ids) for s in sequences], row_length, packing)
     batch["pair_index"] = torch.tensor(indices)
     batch["output_tokens"] = torch.tensor([[len(dataset.pairs[i].chosen_ids), len(dataset.pairs[i].rejected_ids)]
                                            for i in indices], dtype=torch.float32)
@@ -124,9 +135,9 @@ def pair_batch(dataset: PairDataset, indices: list[int], pad_token_id: int, pack
 
 def pair_batches(dataset: PairDataset, batch_size: int, seed: int, epoch: int, pad_token_id: int,
                  packing: bool = False, shard: tuple[int, int] = (0, 1), row_length: Optional[int] = None,
-                 shuffle: bool = True):
+                 shuffle: bool = True, shared_prompt_width: Optional[int] = None):
     """The epoch's batches of `batch_size` pairs: length-grouped and shuffled for (seed, epoch) as supervised
-    batches are, or in file order without `shuffle` (the reference pass)."""
+    batches are, or in file order without `shuffle` (the reference pass); laid out as `pair_batch` does."""
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in dataset.pairs]
     if shuffle:
         sampler = LengthGroupedSampler(lengths, batch_size, seed)
@@ -139,6 +150,8 @@ def pair_batches(dataset: PairDataset, batch_size: int, seed: int, epoch: int, p
     for indices in batches:
         mine = indices[rank::world_size]
         if mine:
-            yield pair_batch(dataset, mine, pad_token_id, packing, row_length)
+            yield pair_batch(dataset, mine, pad_token_id, packing, row_length,
+                             shared_prompt_width=shared_prompt_width)
         else:  # a last batch smaller than the number of ranks: a step that trains nothing here
-            yield pair_batch(dataset, indices[:1], pad_token_id, packing, row_length, weight=0.0)
+            yield pair_batch(dataset, indices[:1], pad_token_id, packing, row_length, weight=0.0,
+                             shared_prompt_width=shared_prompt_width)

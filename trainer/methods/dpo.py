@@ -12,6 +12,10 @@ the first step, and keeps them with the tokenized data (`trainer.data.cache`); e
 and later job from the same starting model reads them back. At the first step the policy is the
 reference, every reward is 0 and the loss is ln 2 (dropout off).
 
+A pair's two outputs go through one forward pass, in one row with the prompt computed once
+(`shared_prompt`, `trainer.data.pairs`): measured against two padded or packed sequences a pair in
+README's Preference fine-tuning section.
+
 Metrics: reward accuracy (the share of pairs whose preferred reward is higher), reward margin and
 the mean chosen and rejected rewards; results.csv's train_loss / train_accuracy are the DPO loss
 and the reward accuracy, the rest go to preference_results.csv.
@@ -46,8 +50,11 @@ class PreferenceObjective:
     results_columns = tuple(f"{split}_{name}" for split in ("train", "valid") for name in STATISTICS)
     results_file = "preference_results.csv"
 
-    def __init__(self, beta="auto", base_learning_rate: float = 2e-4, rpo_alpha: float | None = None):
+    def __init__(self, beta="auto", base_learning_rate: float = 2e-4, rpo_alpha: float | None = None,
+                 shared_prompt: bool = True):
         self.beta = resolve_beta(beta)
+        self.shared_prompt = shared_prompt
+        self.shared_prompt_width = None  # the longest shared-prompt row the model's attention takes (set by prepare)
         self.rpo_alpha = float(rpo_alpha or 0.0)
         self.base_learning_rate = float(base_learning_rate)
         self.hyperparameters = {"beta": self.beta} | ({"rpo_alpha": self.rpo_alpha} if self.rpo_alpha else {})
@@ -60,6 +67,7 @@ class PreferenceObjective:
                 device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8) -> None:
         """The reference log-probs of every pair of `datasets`, read back when kept, else computed now, in one
         no-grad pass in file order, with the model as it is before training."""
+        self.shared_prompt_width = self._shared_prompt_width(model)
         was_training = model.training
         model.eval()
         for dataset in datasets:
@@ -68,7 +76,8 @@ class PreferenceObjective:
                 continue
             reference = torch.empty(len(dataset.pairs), 2)
             for batch in pair_batches(dataset, batch_size, 0, 0, batching.pad_token_id, batching.packing,
-                                      row_length=batching.row_length, shuffle=False):
+                                      row_length=batching.row_length, shuffle=False,
+                                      shared_prompt_width=self.shared_prompt_width):
                 with autocast(device, dtype):
                     log_probs = sequence_log_probs(model, {k: v.to(device) for k, v in batch.items()})
                 reference[batch["pair_index"]] = log_probs.view(-1, 2).cpu()
@@ -76,10 +85,20 @@ class PreferenceObjective:
             save_reference(dataset, model_key, reference)
         model.train(was_training)
 
+    def _shared_prompt_width(self, model) -> float | None:
+        """How long a shared-prompt row may be: any length for transformers' attention, which takes its 4D mask as it
+        is; up to SHORT_ROW for ftlab's packed-rows attention, which masks longer rows one example at a time."""
+        from trainer.attention import PACKED_ROWS, SHORT_ROW
+
+        if not self.shared_prompt:
+            return None
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        return SHORT_ROW if attention == PACKED_ROWS else float("inf")
+
     def batches(self, dataset: PairDataset, batch_size: int, epoch: int, batching: Batching):
         self._training = (dataset, batching)  # what `split` cuts a batch of into fewer pairs
         return pair_batches(dataset, batch_size, batching.seed, epoch, batching.pad_token_id, batching.packing,
-                            batching.shard, batching.row_length)
+                            batching.shard, batching.row_length, shared_prompt_width=self.shared_prompt_width)
 
     def split(self, batch: dict, micro: int | None):
         """The batch in pieces of `micro` pairs (both outputs of a pair stay in one forward)."""
@@ -90,7 +109,7 @@ class PreferenceObjective:
         dataset, batching = self._training
         for chunk in pairs.split(micro):
             yield pair_batch(dataset, chunk.tolist(), batching.pad_token_id, batching.packing, batching.row_length,
-                             weight=float(batch["pair_weight"][0]))
+                             weight=float(batch["pair_weight"][0]), shared_prompt_width=self.shared_prompt_width)
 
     def count(self, batch: dict) -> int:
         """Pairs (the loss is their mean)."""
@@ -124,7 +143,8 @@ class PreferenceObjective:
         """The statistics summed over this rank's share of the validation pairs."""
         totals = dict.fromkeys(("count", "loss", *STATISTICS), 0.0)
         for batch in pair_batches(dataset, batch_size, 0, 0, batching.pad_token_id, batching.packing,
-                                  shard=batching.shard, row_length=batching.row_length, shuffle=False):
+                                  shard=batching.shard, row_length=batching.row_length, shuffle=False,
+                                  shared_prompt_width=self.shared_prompt_width):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
                 _, statistics = self.forward(model, batch)

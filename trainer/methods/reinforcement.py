@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample, collate
+from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample, collate, shared_prompt_rows
 from trainer.loss import supervised_outputs, token_log_probs
 from trainer.methods import Batching, MethodError
 
@@ -378,48 +378,6 @@ def padded_rows(pieces: list[tuple[list[int], list[list[int]]]], pad_token_id: i
                 for prompt, group in pieces for completion in group]
     rows = collate(examples, pad_token_id)
     return rows | {"reply_of": torch.where(rows["labels"] != IGNORE_INDEX, torch.arange(len(examples))[:, None], -1)}
-
-
-def shared_prompt_rows(pieces: list[tuple[list[int], list[list[int]]]], pad_token_id: int) -> dict:
-    """One training row for each prompt and its replies, the prompt computed once.
-
-    A row holds the prompt less its last token, then each reply as a block that starts again from the prompt's last
-    token (whose output predicts the reply's first token, a different target in each block): positions continue
-    from the prompt in every block, and a block attends to the shared prompt and to itself, causally, through a 4D
-    mask (as packed rows do). G replies of R tokens to a prompt of P tokens cost P + G·(R + 1) positions instead of
-    G·(P + R). `reply_of` names the reply of each label (-1: none); rows are right-padded, padding a block of its own.
-    """
-    rows, reply = [], 0
-    for prompt, completions in pieces:
-        shared = len(prompt) - 1
-        ids, positions, labels = list(prompt[:-1]), list(range(shared)), [IGNORE_INDEX] * shared
-        blocks, reply_of = [0] * shared, [-1] * shared
-        for number, completion in enumerate(completions, 1):
-            ids += [prompt[-1], *completion]
-            positions += range(shared, shared + 1 + len(completion))
-            labels += [IGNORE_INDEX, *completion]
-            blocks += [number] * (1 + len(completion))
-            reply_of += [-1] + [reply] * len(completion)
-            reply += 1
-        rows.append((ids, positions, labels, blocks, reply_of))
-    width = max(len(row[0]) for row in rows)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.arange(width).repeat(len(rows), 1)  # padding counts up from 0: a span of its own
-    blocks = torch.full(shape, -1, dtype=torch.long)
-    reply_of = torch.full(shape, -1, dtype=torch.long)
-    for r, (ids, positions, row_labels, row_blocks, row_replies) in enumerate(rows):
-        n = len(ids)
-        input_ids[r, :n], labels[r, :n] = torch.tensor(ids), torch.tensor(row_labels)
-        position_ids[r, :n] = torch.tensor(positions)
-        position_ids[r, n:] = torch.arange(width - n)
-        blocks[r, :n], reply_of[r, :n] = torch.tensor(row_blocks), torch.tensor(row_replies)
-    causal = torch.ones(width, width, dtype=torch.bool).tril_()
-    query, key = blocks[:, :, None], blocks[:, None, :]
-    mask = causal & ((query == key) | ((key == 0) & (query >= 0)))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask[:, None],
-            "reply_of": reply_of, "row_tokens": torch.tensor([len(row[0]) for row in rows])}
 
 
 def _adapter_name(model) -> str:
