@@ -75,6 +75,19 @@ def test_the_first_step_loss_is_ln_2_from_a_family_and_from_an_ft_model(make_cfg
     assert job["hyperparameters"]["beta"] == 0.1
 
 
+def test_dpo_on_nf4_weights_learns_after_its_no_grad_reference_pass(make_cfg, pair_files, tmp_path):
+    """QLoRA's 4-bit backbone (bitsandbytes on a CPU here): the reference pass is a no-grad forward before any
+    step, the pass that would break later LoRA gradients on an AVX512-BF16 CPU if repacking were not disarmed."""
+    run_dir = tmp_path / "run"
+    cfg = dpo_cfg(make_cfg, pair_files, "train.quantization=nf4", "train.n_epochs=3", "train.batch_size=2",
+                  "train.learning_rate_multiplier=20")
+    assert run_training(cfg, run_dir) == 0
+    rows = list(csv.DictReader(open(run_dir / "preference_results.csv")))
+    losses = [float(row["train_loss"]) for row in csv.DictReader(open(run_dir / "results.csv"))]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3)
+    assert float(rows[-1]["train_reward_margin"]) > 0.05 and min(losses[-3:]) < losses[0] - 0.02
+
+
 @pytest.mark.parametrize("packing", ["true", "false"])
 def test_a_pair_in_one_row_with_its_prompt_once_trains_as_two_sequences(make_cfg, pair_files, tmp_path, packing):
     """The shared-prompt row (the default) gives the loss, statistics and gradients of the pair's two sequences, padded
