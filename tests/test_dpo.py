@@ -147,6 +147,22 @@ def test_a_dpo_job_through_the_official_client(tmp_path, cache_dir, pair_files):
         assert failed.status == "failed" and failed.error.code == "invalid_training_file"
         assert "preferred_output" in failed.error.message  # names the format the job expects
 
+        # from an SFT ft: model: its adapter is the reference and the start, so the first step's loss is ln 2 again
+        sft = wait_for(client, client.fine_tuning.jobs.create(model="gpt-3.5-turbo", training_file=wrong,
+                                                              hyperparameters={"n_epochs": 1}).id)
+        assert sft.status == "succeeded", sft.error
+        chained = wait_for(client, client.fine_tuning.jobs.create(
+            model=sft.fine_tuned_model, training_file=train, method={"type": "dpo", "dpo": {"hyperparameters": {
+                "n_epochs": 1, "batch_size": 5}}}).id)
+        assert chained.status == "succeeded", chained.error
+        assert chained.model == sft.fine_tuned_model and chained.fine_tuned_model.startswith("ft:gpt-3.5-turbo")
+        first_step = [event for event in client.fine_tuning.jobs.list_events(chained.id, limit=100)
+                      if event.type == "metrics" and event.data["step"] == 1]
+        assert first_step[0].data["train_loss"] == pytest.approx(math.log(2), abs=1e-3)
+        reply = client.chat.completions.create(model=chained.fine_tuned_model, max_tokens=3,
+                                               messages=[{"role": "user", "content": "What is 2 + 2?"}])
+        assert reply.choices[0].message.content is not None
+
 
 def test_eval_of_a_dpo_job_reports_its_preferences_beside_the_replies(make_cfg, pair_files, tmp_path, cache_dir):
     from tests.test_chat import train_job, use_cfg
