@@ -2,7 +2,7 @@
 through submitit as on a shared cluster. An API job runs as a Slurm job and `cancel` becomes `scancel`; a
 sweep runs as Slurm jobs; a job requeued mid-training (`scontrol requeue`, submitit's checkpoint signal)
 resumes from its newest checkpoint and ends with the loss of a run that never stopped; two Slurm tasks
-train data-parallel with the losses of one process.
+train data-parallel with the losses of one process, by `srun` and as an API job's tasks.
 
 Needs Debian's slurm-wlm and munge, and root (slurmd must run as root):
     apt-get install -y slurm-wlm munge   (as root; .ci/run does it)
@@ -248,3 +248,17 @@ def test_two_slurm_tasks_train_data_parallel_with_the_losses_of_one_process(slur
     assert json.loads((tmp_path / "two" / "job.json").read_text())["status"] == "succeeded"
     events = [json.loads(line) for line in (tmp_path / "two" / "events.jsonl").read_text().splitlines()]
     assert any(event.get("data", {}).get("world_size") == 2 for event in events)  # two processes, not one
+
+
+def test_an_api_job_with_two_slurm_tasks_trains_data_parallel(slurm, tmp_path, cache_dir, train_file):
+    settings = [*TINY, f"cache_dir={cache_dir}", "lora.dropout=0.0", *EXECUTOR, "executor.tasks_per_node=2"]
+    root = tmp_path / "root"
+    with live_server(root, settings) as (url, server):
+        client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        file_id = client.files.create(file=open(train_file, "rb"), purpose="fine-tune").id
+        job = wait_for(client, client.fine_tuning.jobs.create(model="gpt-3.5-turbo", training_file=file_id,
+                                                              hyperparameters={"n_epochs": 1, "batch_size": 4}).id)
+        assert job.status == "succeeded", job.error
+    events = [json.loads(line) for line in (root / "jobs" / job.id / "events.jsonl").read_text().splitlines()]
+    assert any(event.get("data", {}).get("world_size") == 2 for event in events)  # one process a Slurm task
+    assert sorted(losses(root / "jobs" / job.id)) == list(range(1, 7))
