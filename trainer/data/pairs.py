@@ -112,7 +112,7 @@ def sequence_layout(lengths: list[int], row_length: Optional[int], packing: bool
 
 def pair_batch(dataset: PairDataset, indices: list[int], pad_token_id: int, packing: bool,
                row_length: Optional[int], weight: float = 1.0,
-               shared_prompt_width: Optional[int] = None) -> dict[str, torch.Tensor]:
+               shared_prompt_width: Optional[float] = None) -> dict[str, torch.Tensor]:
     """The batch of the pairs at `indices`: their 2k sequences, padded or packed, and what the loss needs; with
     `shared_prompt_width`, one row a pair with its prompt once, when every such row fits that many tokens."""
     pairs = [dataset.pairs[i] for i in indices]
@@ -135,7 +135,7 @@ def pair_batch(dataset: PairDataset, indices: list[int], pad_token_id: int, pack
 
 def pair_batches(dataset: PairDataset, batch_size: int, seed: int, epoch: int, pad_token_id: int,
                  packing: bool = False, shard: tuple[int, int] = (0, 1), row_length: Optional[int] = None,
-                 shuffle: bool = True, shared_prompt_width: Optional[int] = None):
+                 shuffle: bool = True, shared_prompt_width: Optional[float] = None):
     """The epoch's batches of `batch_size` pairs: length-grouped and shuffled for (seed, epoch) as supervised
     batches are, or in file order without `shuffle` (the reference pass); laid out as `pair_batch` does."""
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in dataset.pairs]
