@@ -36,7 +36,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+from trainer.openmp import spin_idle_threads  # noqa: E402
 
+spin_idle_threads()  # as `ftlab serve` does: the engine decodes in a thread of its own (trainer/openmp.py)
 import torch  # noqa: E402
 
 

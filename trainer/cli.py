@@ -141,6 +141,9 @@ def export(cfg: DictConfig) -> int:
 
 def serve(cfg: DictConfig) -> int:
     """The hosted fine-tuning API (files, jobs, models, chat) for the official openai client: server.port=8000."""
+    from trainer.openmp import spin_idle_threads
+
+    spin_idle_threads()  # before torch loads: the engine decodes in a thread of its own
     from trainer.serve.app import serve_main
 
     return serve_main(cfg, _overrides())

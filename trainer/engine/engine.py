@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from trainer.engine import lora
+from trainer.engine import lora, packed
 from trainer.engine.cache import SlotCache, decode_mask, extend_mask, extend_positions
 from trainer.engine.sampling import RowSampler, Sampling, TokenLogprob, choose_tokens
 from trainer.engine.text import TextStream
@@ -238,6 +238,7 @@ class Engine:
             self.adapters[name] = name
         lora.install(self.network, self.plan)
         fuse_rms_norms(self.network)  # one call per norm instead of eight: a decoding step is many small ops
+        self.packed_projections = packed.pack_projections(self.network) if packed.packable(model) else 0
         self._names = (f"adapter{i}" for i in itertools.count())
         self._cache_argument, self._keeps_logits = _forward_arguments(self.network)
         self._waiting: collections.deque[Generation] = collections.deque()
