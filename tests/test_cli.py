@@ -139,3 +139,23 @@ def test_the_program_ends_quickly_but_keeps_exit_codes_output_and_exit_hooks(tmp
                                 timeout=60)
         assert (result.returncode, result.stdout, marker.read_text()) == (code, "all of the output", "hook ran")
         assert result.stderr.strip() == "1000"  # full collections only every 1,000 young ones while it runs
+
+
+def test_ftlab_serve_sets_openmp_spinning_before_torch_loads():
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: `ftlab serve` must set it before anything imports
+    torch, or the engine's thread decodes throttled (trainer/openmp.py). The server itself is stubbed out."""
+    check = """
+import os, sys, types
+stub = types.ModuleType("trainer.serve.app")
+stub.serve_main = lambda cfg, overrides: print("torch" in sys.modules, os.environ.get("OMP_WAIT_POLICY")) or 0
+sys.modules["trainer.serve.app"] = stub
+import trainer.cli
+try:
+    trainer.cli.main(["serve"])
+except SystemExit:
+    pass
+"""
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.split() == ["False", "ACTIVE"], result.stdout + result.stderr

@@ -88,6 +88,33 @@ def test_greedy_batched_answers_equal_one_at_a_time_and_transformers_generate(ti
     assert len(set(alone)) > 1  # different prompts, different answers: the comparison means something
 
 
+def test_a_frozen_fp32_model_decodes_with_packed_projections_and_the_same_answers(tiny, engine):
+    """A served model (frozen, fp32, CPU) has its projections prepacked for oneDNN, LoRA's A and B excepted: its
+    greedy answers, batched with adapter rows, equal the unpacked engine's, and its logits transformers' own."""
+    from trainer.engine import packed
+
+    folder, tokenizer, _ = tiny
+    packed_engine = Engine(load(folder).requires_grad_(False), max_batch_size=8)
+    try:
+        assert packed_engine.packed_projections == 2 * 7 + 1 and engine.packed_projections == 0  # layers × 7 + head
+        requests = [request(tiny, q, adapter) for q, adapter in zip(QUESTIONS, [None, "a", "b", None, "a", "b"])]
+        assert texts(packed_engine, requests) == texts(engine, [request(tiny, q, adapter) for q, adapter
+                                                                in zip(QUESTIONS, [None, "a", "b", None, "a", "b"])])
+        lora_layers = [m for n, m in packed_engine.model.named_modules() if n.endswith(("lora_A.adapter0",
+                                                                                         "lora_B.adapter0"))]
+        assert lora_layers and not any("ftlab_packed" in m.__dict__ for m in lora_layers)
+        network = packed_engine.network
+        ids = torch.tensor([prompt(tokenizer, QUESTIONS[0])])
+        with torch.inference_mode():
+            packed_logits = network(input_ids=ids).logits
+        with torch.no_grad():  # not inference mode: F.linear on the dense weights
+            dense_logits = network(input_ids=ids).logits
+        assert torch.allclose(packed_logits, dense_logits, atol=1e-5)
+        assert not packed.packable(load(folder))  # a model that may be trained keeps one copy of its weights
+    finally:
+        packed_engine.close()
+
+
 def test_rows_of_two_adapters_and_base_rows_share_a_batch_and_keep_their_own(tiny, engine, monkeypatch):
     adapters = [None, "a", "b"]
     requests = [request(tiny, q, adapters[i % 3], max_new_tokens=4 + 3 * i) for i, q in enumerate(QUESTIONS * 2)]

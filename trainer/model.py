@@ -336,7 +336,7 @@ def let_autocast_cast_adapter_inputs(model) -> int:
 def load_for_inference(cfg: DictConfig, adapter_dir=None, runtime: Runtime | None = None):
     """Backbone (+ adapter from `adapter_dir`, if given) in eval mode, for chat, eval and export."""
     runtime = runtime or resolve_runtime(cfg.train)
-    model = load_base_model(cfg, runtime)
+    model = load_base_model(cfg, runtime).requires_grad_(False)  # nothing trains it: the engine packs frozen weights
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -263,7 +263,7 @@ class ModelPool:
 
         runtime = self._runtime()
         log.info("loading backbone %s (%s, %s)", target.backbone_key, runtime.device, runtime.precision_name)
-        model = load_base_model(target.load_cfg, runtime)
+        model = load_base_model(target.load_cfg, runtime).requires_grad_(False)  # served, never trained
         model.eval()
         server = self.cfg.server
         return Engine(model, max_batch_size=int(server.max_batch_size), max_queue=int(server.max_queue),
