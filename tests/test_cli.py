@@ -143,11 +143,17 @@ def test_the_program_ends_quickly_but_keeps_exit_codes_output_and_exit_hooks(tmp
 
 def test_ftlab_serve_sets_openmp_spinning_before_torch_loads():
     """libgomp reads OMP_WAIT_POLICY once, when torch loads it: `ftlab serve` must set it before anything imports
-    torch, or the engine's thread decodes throttled (trainer/openmp.py). The server itself is stubbed out."""
+    torch, or the engine's thread decodes throttled (trainer/openmp.py); its training jobs start without it. The
+    server itself is stubbed out."""
     check = """
 import os, sys, types
 stub = types.ModuleType("trainer.serve.app")
-stub.serve_main = lambda cfg, overrides: print("torch" in sys.modules, os.environ.get("OMP_WAIT_POLICY")) or 0
+def serve_main(cfg, overrides):
+    print("torch" in sys.modules, os.environ.get("OMP_WAIT_POLICY"))
+    from trainer.serve.executors import job_environment
+    print("OMP_WAIT_POLICY" in job_environment())  # the server's setting, not its training jobs'
+    return 0
+stub.serve_main = serve_main
 sys.modules["trainer.serve.app"] = stub
 import trainer.cli
 try:
@@ -158,4 +164,4 @@ except SystemExit:
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120,
                             cwd=Path(__file__).resolve().parent.parent)
-    assert result.stdout.split() == ["False", "ACTIVE"], result.stdout + result.stderr
+    assert result.stdout.split() == ["False", "ACTIVE", "False"], result.stdout + result.stderr

@@ -8,14 +8,17 @@ oneDNN projection 88 µs in the engine's thread against 36 µs in the main threa
 twice as slow. `OMP_WAIT_POLICY=ACTIVE` with a finite `GOMP_SPINCOUNT` keeps the spinning libgomp
 does for a single team (300,000 spins, then sleep) whatever the number of teams: 38 µs in the
 engine's thread. The variables are read once, when torch loads libgomp; a value already in the
-environment is kept.
+environment is kept. A server's training jobs (one team each) start without the ones set here.
 """
 import os
 
 SETTINGS = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
+set_here: set[str] = set()  # the SETTINGS this process added: not handed on to the training jobs it starts
 
 
 def spin_idle_threads() -> None:
     """Set SETTINGS in the environment (where unset), before anything imports torch."""
     for key, value in SETTINGS.items():
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            set_here.add(key)

@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 REQUEUED_EXIT = 75  # EX_TEMPFAIL: the job stopped with a checkpoint and Slurm runs it again
 CHECKPOINT_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -124,12 +125,15 @@ def requeue_unless_under_way() -> None:
         subprocess.run(["scontrol", "requeue", job_id], capture_output=True, timeout=30)
 
 
-def slurm_job(job_id: str) -> tuple[str, int]:
-    """The job's state and its count of requeues so far, as `scontrol show job` gives them; ("", -1) when
-    slurmctld cannot say."""
+def slurm_job(job_id: str) -> tuple[Optional[str], int]:
+    """The job's state (PENDING, RUNNING, REQUEUED, COMPLETED, …) and its count of requeues so far, as `scontrol show
+    job` gives them: state "" once slurmctld has forgotten the job (MinJobAge after it ended), None when slurmctld
+    cannot be asked just now; restarts -1 when unknown."""
     try:
-        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=10).stdout
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return "", -1
-    state, restarts = re.search(r"\bJobState=(\w+)", shown), re.search(r"\bRestarts=(\d+)", shown)
-    return (state.group(1) if state else ""), (int(restarts.group(1)) if restarts else -1)
+        return None, -1
+    if shown.returncode != 0:
+        return ("" if "Invalid job id" in shown.stderr else None), -1
+    state, restarts = re.search(r"\bJobState=(\w+)", shown.stdout), re.search(r"\bRestarts=(\d+)", shown.stdout)
+    return (state.group(1) if state else None), (int(restarts.group(1)) if restarts else -1)

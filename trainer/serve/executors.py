@@ -26,10 +26,12 @@ def train_command(args: list[str]) -> list[str]:
 
 
 def job_environment() -> dict:
-    """The environment a job runs in: this one, offline, without the server's API key."""
+    """The environment a job runs in: this one, offline, without the server's API key or its OpenMP settings."""
+    from trainer import openmp
     from trainer.run import HANDED_LOCK_ENV
 
-    env = {key: value for key, value in os.environ.items() if key not in ("FTLAB_API_KEY", HANDED_LOCK_ENV)}
+    left_out = {"FTLAB_API_KEY", HANDED_LOCK_ENV, *openmp.set_here}
+    env = {key: value for key, value in os.environ.items() if key not in left_out}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("WANDB_MODE", "offline")
     return env
@@ -170,23 +172,10 @@ SLURM_FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "O
                   "SPECIAL_EXIT", "REVOKED"}
 
 
-def slurm_job_state(job_id: str) -> Optional[str]:
-    """The job's state as slurmctld knows it (PENDING, RUNNING, REQUEUED, COMPLETED, …); "" once slurmctld has forgotten
-    it (MinJobAge after it ended); None when slurmctld cannot be asked just now."""
-    try:
-        result = subprocess.run(["squeue", "-h", "-j", job_id, "--states=all", "-o", "%T"], capture_output=True,
-                                text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if result.returncode != 0:
-        return "" if "Invalid job id" in result.stderr else None
-    return result.stdout.strip()
-
-
 class SubmititHandle:
     """A job submitted through submitit (its process, maybe on another node, takes the run dir's lock itself).
 
-    On Slurm the job is over when Slurm says so: squeue, as submitit's sacct needs an accounting database. A
+    On Slurm the job is over when Slurm says so (`scontrol`; submitit's sacct needs an accounting database). A
     requeued job is still the same job, pending or running again, so a requeue is never an ended process (nor a
     restart counted against `server.max_job_restarts`)."""
 
@@ -200,7 +189,9 @@ class SubmititHandle:
     def done(self) -> bool:
         if self.cluster != "slurm":
             return self.job.done()
-        state = slurm_job_state(self.job.job_id)
+        from trainer.preemption import slurm_job
+
+        state, _ = slurm_job(self.job.job_id)
         return state is not None and (state == "" or state in SLURM_FINISHED)
 
     @property
